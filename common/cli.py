@@ -18,6 +18,7 @@ from importlib.metadata import PackageNotFoundError, entry_points, version
 from typing import Any
 
 from common.errors import MeterdError
+from common.tls import restrict_grpc_to_tls13
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -37,7 +38,7 @@ def meterd_version() -> str:
 class _Parser(argparse.ArgumentParser):
     """argparse that reports a usage error as one line, without the usage block."""
 
-    def error(self, message: str) -> Any:  # type: ignore[override]
+    def error(self, message: str) -> Any:
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
 
 
@@ -56,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # gRPC reads its TLS cipher configuration when it is imported, and command plugins
+    # import it: TLS 1.2 is shut off before any of them loads.
+    restrict_grpc_to_tls13()
     parser = build_parser()
     args = parser.parse_args(argv)
     handler: Handler = args.handler

@@ -97,7 +97,8 @@ def to_decimal(value: object, what: str = "value") -> Decimal:
         except decimal.InvalidOperation:
             raise MoneyError(f"{what}: {value!r} is not a decimal number") from None
     else:
-        raise MoneyError(f"{what}: expected a decimal string or integer, got {type(value).__name__}")
+        kind = type(value).__name__
+        raise MoneyError(f"{what}: expected a decimal string or integer, got {kind}")
     if not result.is_finite():
         raise MoneyError(f"{what}: {value!r} is not a finite number")
     return result

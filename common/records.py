@@ -25,6 +25,8 @@ UNITS = frozenset({"bytes", "seconds", "byte_seconds", "count", "requests"})
 MAX_LABELS = 16
 MAX_LABEL_TEXT = 256
 MAX_QUANTITY_DIGITS = 40
+MAX_QUANTITY = 10**30  # bytes, seconds or byte_seconds in one record: far above any real window
+MAX_QUANTITY_SCALE = 18  # decimal places
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
@@ -63,9 +65,9 @@ class UsageRecord:
             raise RecordError(f"id {self.id!r} is not a UUID") from None
         if str(parsed) != self.id:
             raise RecordError(f"id {self.id!r} is not in canonical lower-case UUID form")
-        if not isinstance(self.host_id, str) or not HOST_ID.match(self.host_id):
+        if not isinstance(self.host_id, str) or not HOST_ID.fullmatch(self.host_id):
             raise RecordError(f"host_id {self.host_id!r} is not a valid host id")
-        if not isinstance(self.metric, str) or not METRIC_NAME.match(self.metric):
+        if not isinstance(self.metric, str) or not METRIC_NAME.fullmatch(self.metric):
             raise RecordError(f"metric {self.metric!r} is not a dotted lower-case name")
         try:
             quantity = to_decimal(self.quantity, "quantity")
@@ -73,6 +75,11 @@ class UsageRecord:
             raise RecordError(str(exc)) from None
         if quantity < 0:
             raise RecordError(f"quantity {self.quantity} is negative")
+        exponent = quantity.as_tuple().exponent
+        if quantity >= MAX_QUANTITY:
+            raise RecordError("quantity is more than 10^30 base units")
+        if isinstance(exponent, int) and exponent < -MAX_QUANTITY_SCALE:
+            raise RecordError(f"quantity has more than {MAX_QUANTITY_SCALE} decimal places")
         if len(quantity.as_tuple().digits) > MAX_QUANTITY_DIGITS:
             raise RecordError(f"quantity has more than {MAX_QUANTITY_DIGITS} digits")
         object.__setattr__(self, "quantity", quantity)
