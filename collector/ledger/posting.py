@@ -1,0 +1,116 @@
+"""From newly accepted usage records to counter updates and one balanced journal entry.
+
+Pure: takes values, returns values. Metered prices with ``aggregate_usage = "sum"``
+are rated as records arrive, against a running counter per (account, price, period).
+The amount posted for a batch is ``round(amount(total_after)) - round(amount(total_before))``,
+so however usage is split into batches, the postings of a period add up exactly to
+the rounded amount of the period's total, with no residue to chase: this is the one
+place where usage amounts are rounded (half-even to the currency's minor unit).
+
+Prices aggregated by ``max``, ``last_during_period`` or ``p95`` cannot be rated
+piecewise; they are rated when the period closes.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Protocol
+
+from collector.ledger.journal import (
+    RECEIVABLE,
+    JournalEntry,
+    Posting,
+    records_digest,
+    revenue_account,
+)
+from collector.ledger.store import ZERO_COUNTER, Counter, CounterKey
+from collector.rating.engine import to_billing_units, usage_amount
+from collector.rating.tariff import Price
+from common.money import CONTEXT, round_minor
+from common.records import UsageRecord, from_us, to_us
+
+
+class PriceSource(Protocol):
+    def prices_for(self, account_id: str, metric: str, at: datetime) -> Sequence[Price]:
+        """The metered, summed prices that rate ``metric`` for the account at ``at``."""
+
+
+def period_start_us(start_us: int) -> int:
+    """Start of the billing period holding ``start_us``: the calendar month in UTC.
+
+    Accounts with their own time zone and anchor day get their periods from the
+    billing module; the running counters only need a stable key per period.
+    """
+    moment = from_us(start_us)
+    return to_us(datetime(moment.year, moment.month, 1, tzinfo=UTC))
+
+
+@dataclass(frozen=True, slots=True)
+class RatedBatch:
+    entry: JournalEntry
+    counters: dict[CounterKey, Counter]
+
+
+def counter_keys(
+    account_id: str, records: Sequence[UsageRecord], prices: PriceSource
+) -> dict[CounterKey, Price]:
+    """The counters that ``records`` touch, each with its price."""
+    keys: dict[CounterKey, Price] = {}
+    for record in records:
+        for price in prices.prices_for(account_id, record.metric, record.start):
+            keys[CounterKey(account_id, price.id, period_start_us(record.start_us))] = price
+    return keys
+
+
+def rate_usage(
+    *,
+    entry_id: str,
+    account_id: str,
+    records: Sequence[UsageRecord],
+    prices: PriceSource,
+    counters: Mapping[CounterKey, Counter],
+    now_us: int,
+) -> RatedBatch:
+    """Rate ``records`` (all new, all of ``account_id``) against ``counters``."""
+    added: dict[CounterKey, Decimal] = defaultdict(Decimal)
+    key_price: dict[CounterKey, Price] = {}
+    for record in records:
+        for price in prices.prices_for(account_id, record.metric, record.start):
+            key = CounterKey(account_id, price.id, period_start_us(record.start_us))
+            billing_quantity = to_billing_units(price, record.quantity)
+            added[key] = CONTEXT.add(added[key], billing_quantity)
+            key_price[key] = price
+    updated: dict[CounterKey, Counter] = {}
+    revenue: dict[tuple[str, str], Decimal] = defaultdict(Decimal)
+    for key in sorted(added):
+        price = key_price[key]
+        before = counters.get(key, ZERO_COUNTER)
+        quantity = CONTEXT.add(before.quantity, added[key])
+        amount = round_minor(usage_amount(price, quantity), price.currency, price.rounding_mode)
+        updated[key] = Counter(quantity, amount)
+        delta = CONTEXT.subtract(amount, before.amount)
+        if delta:
+            product = price.product or price.id
+            revenue[(product, price.currency)] -= delta
+    postings: list[Posting] = []
+    receivable: dict[str, Decimal] = defaultdict(Decimal)
+    for (product, currency), amount in sorted(revenue.items()):
+        postings.append(Posting(revenue_account(product), currency, amount))
+        receivable[currency] -= amount
+    for currency, amount in sorted(receivable.items()):
+        postings.append(Posting(RECEIVABLE, currency, amount))
+    metrics = sorted({r.metric for r in records})
+    entry = JournalEntry(
+        id=entry_id,
+        account_id=account_id,
+        kind="usage",
+        memo=f"usage: {len(records)} records ({', '.join(metrics)})",
+        created_us=now_us,
+        postings=tuple(postings),
+        records_digest=records_digest((r.id, r.quantity_text) for r in records),
+    )
+    return RatedBatch(entry, updated)
