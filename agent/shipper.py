@@ -1,0 +1,189 @@
+"""Ship spooled records to the collector: ack first, delete after.
+
+One batch at a time, bounded by count and bytes, so memory stays bounded whatever
+the backlog. Each call has a deadline. Failures that may pass (collector down,
+network cut, deadline exceeded, RESOURCE_EXHAUSTED) are retried with exponential
+backoff, full jitter and a cap (tenacity); when the collector says how long to wait
+(``retry-after-ms``), the agent waits at least that long. Per record, ``accepted``
+and ``duplicate`` delete it from the spool; ``rejected`` moves it to dead letters
+with the reason, never to be retried blindly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception_type,
+    stop_never,
+    wait_random_exponential,
+)
+
+from agent.spool import Spool
+from common import logs
+from common.proto import meterd_pb2 as pb
+from common.proto import meterd_pb2_grpc as pb_grpc
+from common.wire import to_proto
+
+log = logs.get("agent.shipper")
+
+RETRYABLE = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.ABORTED,
+        grpc.StatusCode.INTERNAL,
+        grpc.StatusCode.UNKNOWN,
+        grpc.StatusCode.CANCELLED,
+    }
+)
+
+
+class ShipFailed(Exception):
+    """A batch was not acknowledged; retry after ``retry_after`` seconds at the least."""
+
+    def __init__(self, message: str, retry_after: float = 0.0) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+@dataclass(frozen=True)
+class ShipperSettings:
+    batch_max_records: int = 1000
+    batch_max_bytes: int = 1024 * 1024
+    deadline_seconds: float = 10.0
+    backoff_initial_seconds: float = 0.5
+    backoff_max_seconds: float = 60.0
+
+
+@dataclass(frozen=True)
+class BatchResult:
+    acked: int
+    rejected: int
+    clock_skew_us: int
+
+
+class Shipper:
+    def __init__(
+        self,
+        spool: Spool,
+        channel: grpc.aio.Channel,
+        settings: ShipperSettings,
+        version: str,
+        clock_us: Callable[[], int] = lambda: time.time_ns() // 1000,
+    ) -> None:
+        self._spool = spool
+        self._stub = pb_grpc.IngestStub(channel)  # type: ignore[no-untyped-call]
+        self._settings = settings
+        self._version = version
+        self._clock_us = clock_us
+        self.wake = asyncio.Event()
+
+    async def ship_batch(self) -> BatchResult | None:
+        """Send one batch; None when the spool is empty. Raises :class:`ShipFailed`."""
+        s = self._settings
+        batch = await asyncio.to_thread(
+            self._spool.next_batch, s.batch_max_records, s.batch_max_bytes
+        )
+        if not batch:
+            return None
+        stats = await asyncio.to_thread(self._spool.stats)
+        request = pb.PushRequest(
+            records=[to_proto(r) for r in batch],
+            agent_version=self._version,
+            sent_at_us=self._clock_us(),
+            backlog_records=stats.records,
+        )
+        try:
+            response: pb.PushResponse = await self._stub.Push(request, timeout=s.deadline_seconds)
+        except grpc.aio.AioRpcError as exc:
+            # The rows stay marked in flight: after a deadline the collector may have
+            # committed them, so they are resent with the same ids (never compacted).
+            code = exc.code()
+            retry_after = _retry_after(exc)
+            message = f"{code.name}: {exc.details()}"
+            await asyncio.to_thread(self._spool.set_meta, "last_error", message)
+            if code in RETRYABLE:
+                raise ShipFailed(message, retry_after) from None
+            # Anything else (a certificate refused, a bug) is not fixed by waiting less.
+            raise ShipFailed(message, s.backoff_max_seconds) from None
+        acked = [a.id for a in response.acks if a.outcome in (pb.ACCEPTED, pb.DUPLICATE)]
+        rejected = [(a.id, a.reason) for a in response.acks if a.outcome == pb.REJECTED]
+        if acked:
+            await asyncio.to_thread(self._spool.acknowledge, acked)
+        if rejected:
+            await asyncio.to_thread(self._spool.dead_letter, rejected)
+            for record_id, reason in rejected:
+                log.warning("record_rejected", record=record_id, reason=reason)
+        answered = {a.id for a in response.acks}
+        unanswered = [r.id for r in batch if r.id not in answered]
+        if unanswered:
+            await asyncio.to_thread(self._spool.release, unanswered)
+        await asyncio.to_thread(self._record_success, response.clock_skew_us)
+        log.info("batch_shipped", records=len(batch), acked=len(acked), rejected=len(rejected),
+                 backlog=max(stats.records - len(acked) - len(rejected), 0))
+        return BatchResult(len(acked), len(rejected), response.clock_skew_us)
+
+    def _record_success(self, skew_us: int) -> None:
+        self._spool.set_meta("last_ship_at_us", str(self._clock_us()))
+        self._spool.set_meta("clock_skew_us", str(skew_us))
+        self._spool.set_meta("last_error", "")
+
+    async def drain(self) -> int:
+        """Ship until the spool is empty, retrying with backoff; the records acked."""
+        total = 0
+        async for attempt in self._retrying():
+            with attempt:
+                while (result := await self.ship_batch()) is not None:
+                    total += result.acked + result.rejected
+        return total
+
+    async def run(self) -> None:
+        """Ship forever: drain, then wait to be woken by the sampler."""
+        while True:
+            await self.drain()
+            await self.wake.wait()
+            self.wake.clear()
+
+    def _retrying(self) -> AsyncRetrying:
+        s = self._settings
+        jitter = wait_random_exponential(
+            multiplier=s.backoff_initial_seconds, max=s.backoff_max_seconds
+        )
+
+        def wait(state: RetryCallState) -> float:
+            exc = state.outcome.exception() if state.outcome else None
+            floor = exc.retry_after if isinstance(exc, ShipFailed) else 0.0
+            return max(float(jitter(state)), floor)
+
+        def before_sleep(state: RetryCallState) -> None:
+            exc = state.outcome.exception() if state.outcome else None
+            log.warning("ship_failed", error=str(exc), attempt=state.attempt_number,
+                        retry_in_s=round(state.upcoming_sleep, 3))
+
+        return AsyncRetrying(
+            retry=retry_if_exception_type(ShipFailed),
+            wait=wait,
+            stop=stop_never,
+            before_sleep=before_sleep,
+            reraise=True,
+        )
+
+
+def _retry_after(exc: grpc.aio.AioRpcError) -> float:
+    metadata: Any = exc.trailing_metadata() or ()
+    for key, value in metadata:
+        if key == "retry-after-ms":
+            try:
+                return max(int(value), 0) / 1000
+            except ValueError:
+                return 0.0
+    return 0.0

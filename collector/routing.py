@@ -1,0 +1,53 @@
+"""Host to account assignments with effective time ranges.
+
+A record is billed to whoever held the host at the record's window start. An
+assignment may name a cgroup, so each VM or container metered by one hypervisor
+agent (records labelled ``cgroup=<path>``) is billed to the account that rents it;
+an assignment with a cgroup wins over one for the whole host.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from common.records import UsageRecord
+
+FOREVER = 2**62
+
+
+@dataclass(frozen=True, slots=True)
+class Assignment:
+    host_id: str
+    account_id: str
+    start_us: int = 0
+    end_us: int = FOREVER
+    cgroup: str = ""
+
+    def covers(self, record: UsageRecord) -> bool:
+        if record.host_id != self.host_id:
+            return False
+        if not self.start_us <= record.start_us < self.end_us:
+            return False
+        return not self.cgroup or record.labels.get("cgroup") == self.cgroup
+
+
+class Router:
+    def __init__(self, assignments: Iterable[Assignment]) -> None:
+        by_host: dict[str, list[Assignment]] = {}
+        for a in assignments:
+            by_host.setdefault(a.host_id, []).append(a)
+        # cgroup-specific assignments first, so they win over whole-host ones
+        self._by_host = {
+            h: sorted(items, key=lambda a: (a.cgroup == "", a.start_us))
+            for h, items in by_host.items()
+        }
+
+    def account_for(self, record: UsageRecord) -> str | None:
+        for a in self._by_host.get(record.host_id, ()):
+            if a.covers(record):
+                return a.account_id
+        return None
+
+    def hosts(self) -> list[str]:
+        return sorted(self._by_host)
