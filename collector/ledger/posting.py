@@ -2,7 +2,9 @@
 
 Pure: takes values, returns values. Metered prices with ``aggregate_usage = "sum"``
 are rated as records arrive, against a running counter per (account, price, period).
-The amount posted for a batch is ``round(amount(total_after)) - round(amount(total_before))``,
+Counters hold the period's quantity in the metric's base units (exact decimals); it is
+converted to the price's billing unit as an exact fraction only to be priced. The
+amount posted for a batch is ``round(amount(total_after)) - round(amount(total_before))``,
 so however usage is split into batches, the postings of a period add up exactly to
 the rounded amount of the period's total, with no residue to chase: this is the one
 place where usage amounts are rounded (half-even to the currency's minor unit).
@@ -28,9 +30,9 @@ from collector.ledger.journal import (
     revenue_account,
 )
 from collector.ledger.store import ZERO_COUNTER, Counter, CounterKey
-from collector.rating.engine import to_billing_units, usage_amount
+from collector.rating.engine import billing_quantity, rated_amount
 from collector.rating.tariff import Price
-from common.money import CONTEXT, round_minor
+from common.money import CONTEXT
 from common.records import UsageRecord, from_us, to_us
 
 
@@ -81,8 +83,7 @@ def rate_usage(
     for record in records:
         for price in prices.prices_for(account_id, record.metric, record.start):
             key = CounterKey(account_id, price.id, period_start_us(record.start_us))
-            billing_quantity = to_billing_units(price, record.quantity)
-            added[key] = CONTEXT.add(added[key], billing_quantity)
+            added[key] = CONTEXT.add(added[key], record.quantity)
             key_price[key] = price
     updated: dict[CounterKey, Counter] = {}
     revenue: dict[tuple[str, str], Decimal] = defaultdict(Decimal)
@@ -90,7 +91,7 @@ def rate_usage(
         price = key_price[key]
         before = counters.get(key, ZERO_COUNTER)
         quantity = CONTEXT.add(before.quantity, added[key])
-        amount = round_minor(usage_amount(price, quantity), price.currency, price.rounding_mode)
+        amount = rated_amount(price, billing_quantity(price, quantity))
         updated[key] = Counter(quantity, amount)
         delta = CONTEXT.subtract(amount, before.amount)
         if delta:

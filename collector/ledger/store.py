@@ -33,7 +33,7 @@ class CounterKey:
 
 @dataclass(frozen=True, slots=True)
 class Counter:
-    """Cumulative quantity (billing units) and the rounded amount posted for it so far."""
+    """Cumulative quantity (the metric's base units) and the rounded amount posted so far."""
 
     quantity: Decimal
     amount: Decimal
