@@ -24,6 +24,11 @@ class TlsConfig:
     cert: Path = config.option(Path("tls/collector.pem"), "server certificate (PEM)")
     key: Path = config.option(Path("tls/collector.key"), "server private key, mode 0600")
     ca: Path = config.option(Path("tls/ca.pem"), "CA that signs agent certificates")
+    denied_serials: list[str] = config.option(
+        factory=list,
+        help="agent certificate serials refused at once, in hex as `openssl x509 -serial`"
+        " prints them (a stolen key); reloaded on SIGHUP",
+    )
 
 
 @dataclass(frozen=True)
@@ -107,6 +112,7 @@ class LoadedCollectorConfig:
     assignments: tuple[Assignment, ...]
     terms: dict[str, AccountTerms]
     shard_map: ShardMap
+    denied_serials: frozenset[int]
 
     def path(self, p: Path) -> Path:
         return p if p.is_absolute() else self.source.parent / p
@@ -143,7 +149,17 @@ def load_collector_config(path: Path) -> LoadedCollectorConfig:
     for field_name in ("max_batch_records", "max_in_flight_records"):
         if getattr(raw.ingest, field_name) < 1:
             raise ConfigError(source, f"ingest.{field_name}", "must be at least 1")
-    return LoadedCollectorConfig(path, raw, tuple(assignments), terms, shard_map)
+    denied = set()
+    for i, text in enumerate(raw.tls.denied_serials):
+        try:
+            denied.add(int(text.replace(":", ""), 16))
+        except ValueError:
+            raise ConfigError(
+                source, f"tls.denied_serials[{i}]", f"expected a hexadecimal serial, got {text!r}"
+            ) from None
+    return LoadedCollectorConfig(
+        path, raw, tuple(assignments), terms, shard_map, frozenset(denied)
+    )
 
 
 def _instant(text: str, source: str, key: str, default: int) -> int:

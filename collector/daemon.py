@@ -109,7 +109,13 @@ async def _serve(state: Running, ledger: ShardedLedger, ready_file: Path | None)
         ]
     )
     pb_grpc.add_IngestServicer_to_server(  # type: ignore[no-untyped-call]
-        IngestService(lambda: state.service, cfg.raw.ingest, fleet), server
+        IngestService(
+            lambda: state.service,
+            cfg.raw.ingest,
+            fleet,
+            denied_serials=lambda: state.config.denied_serials,
+        ),
+        server,
     )
     host, port = parse_listen(cfg.raw.ingest.listen, str(cfg.source), "ingest.listen")
     credentials = grpc_server_credentials(
@@ -161,7 +167,7 @@ def _reload(state: Running, ledger: ShardedLedger) -> None:
         return
     state.config, state.service = cfg, service
     log.info("configuration_reloaded", assignments=len(cfg.assignments),
-             accounts=len(cfg.terms))
+             accounts=len(cfg.terms), denied_serials=len(cfg.denied_serials))
     asyncio.get_running_loop().create_task(_release_after_reload(service))
 
 

@@ -4,9 +4,12 @@ The host id comes from the verified client certificate, never from the request: 
 record naming another host is rejected with its reason while the rest of the batch
 goes on. Each record is validated on its own (schema, quantity, window, not too far
 in the future of the collector's clock, not older than the maximum lateness); a bad
-record gets ``REJECTED`` with a reason, never a failed call. A call that would push
-the records in flight past the configured bound is refused with RESOURCE_EXHAUSTED
-and a ``retry-after-ms`` trailer instead of queueing without bound.
+record gets ``REJECTED`` with a reason, never a failed call.
+
+A certificate whose serial is on the deny list is refused with PERMISSION_DENIED
+before anything is read. A call that would push the records in flight past the
+configured bound is refused with RESOURCE_EXHAUSTED and a ``retry-after-ms`` trailer
+instead of queueing without bound.
 """
 
 from __future__ import annotations
@@ -46,11 +49,13 @@ class IngestService(pb_grpc.IngestServicer):
         service: Callable[[], LedgerService],
         config: IngestConfig,
         fleet: Fleet,
+        denied_serials: Callable[[], frozenset[int]] = frozenset,
         clock_us: Callable[[], int] = lambda: time.time_ns() // 1000,
     ) -> None:
         self._service = service
         self._config = config
         self._fleet = fleet
+        self._denied_serials = denied_serials
         self._clock_us = clock_us
         self._in_flight = 0
 
@@ -62,13 +67,20 @@ class IngestService(pb_grpc.IngestServicer):
             serial = peer_certificate_serial(context.auth_context())
         except SecurityError as exc:
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(exc))
+        if serial in self._denied_serials():
+            log.warning("denied_certificate_refused", host=host_id, serial=f"{serial:x}")
+            await context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"certificate serial {serial:x} of host {host_id!r} is on the deny list",
+            )
         count = len(request.records)
         if count > self._config.max_batch_records:
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"batch of {count} records exceeds the limit of {self._config.max_batch_records}",
             )
-        if self._in_flight + count > self._config.max_in_flight_records:
+        # A lone call may always proceed (up to max_batch_records), so no batch starves.
+        if self._in_flight and self._in_flight + count > self._config.max_in_flight_records:
             log.warning("ingest_overloaded", host=host_id, in_flight=self._in_flight)
             context.set_trailing_metadata((("retry-after-ms", str(self._config.retry_after_ms)),))
             await context.abort(
