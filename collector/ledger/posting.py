@@ -77,26 +77,40 @@ def rate_usage(
     counters: Mapping[CounterKey, Counter],
     now_us: int,
 ) -> RatedBatch:
-    """Rate ``records`` (all new, all of ``account_id``) against ``counters``."""
-    added: dict[CounterKey, Decimal] = defaultdict(Decimal)
-    key_price: dict[CounterKey, Price] = {}
-    for record in records:
+    """Rate ``records`` (all new, all of ``account_id``) against ``counters``.
+
+    Records are taken in time order. Each run of records rated by the same price
+    version moves its counter from ``before`` to ``after`` and posts
+    ``round(f(after)) - round(f(before))`` with that version's amount function ``f``.
+    Within a version the postings telescope to the rounded amount of the version's
+    whole quantity; when a new version takes effect (an effective date, a reloaded
+    tariff) usage already posted keeps its price and new usage is priced at the
+    margin of the new version.
+    """
+    runs: dict[CounterKey, list[tuple[Price, Decimal]]] = {}
+    for record in sorted(records, key=lambda r: (r.start_us, r.id)):
         for price in prices.prices_for(account_id, record.metric, record.start):
             key = CounterKey(account_id, price.id, period_start_us(record.start_us))
-            added[key] = CONTEXT.add(added[key], record.quantity)
-            key_price[key] = price
+            key_runs = runs.setdefault(key, [])
+            if key_runs and key_runs[-1][0] == price:
+                key_runs[-1] = (price, CONTEXT.add(key_runs[-1][1], record.quantity))
+            else:
+                key_runs.append((price, record.quantity))
     updated: dict[CounterKey, Counter] = {}
     revenue: dict[tuple[str, str], Decimal] = defaultdict(Decimal)
-    for key in sorted(added):
-        price = key_price[key]
-        before = counters.get(key, ZERO_COUNTER)
-        quantity = CONTEXT.add(before.quantity, added[key])
-        amount = rated_amount(price, billing_quantity(price, quantity))
-        updated[key] = Counter(quantity, amount)
-        delta = CONTEXT.subtract(amount, before.amount)
-        if delta:
-            product = price.product or price.id
-            revenue[(product, price.currency)] -= delta
+    for key in sorted(runs):
+        counter = counters.get(key, ZERO_COUNTER)
+        quantity, posted = counter.quantity, counter.amount
+        for price, added in runs[key]:
+            after = CONTEXT.add(quantity, added)
+            delta = CONTEXT.subtract(
+                rated_amount(price, billing_quantity(price, after)),
+                rated_amount(price, billing_quantity(price, quantity)),
+            )
+            quantity, posted = after, CONTEXT.add(posted, delta)
+            if delta:
+                revenue[(price.product or price.id, price.currency)] -= delta
+        updated[key] = Counter(quantity, posted)
     postings: list[Posting] = []
     receivable: dict[str, Decimal] = defaultdict(Decimal)
     for (product, currency), amount in sorted(revenue.items()):
