@@ -25,3 +25,8 @@ test: lint
 
 clean:
 	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache
+
+# The Debian package, in dist/ (or DEB_OUT): see docs/install.md.
+.PHONY: deb
+deb:
+	packaging/build-deb.sh $(or $(DEB_OUT),dist)

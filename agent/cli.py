@@ -11,7 +11,7 @@ from typing import Any
 
 from agent.config import AgentConfig, load_agent_config
 from common import config, logs
-from common.cli import EXIT_OK
+from common.cli import EXIT_ERROR, EXIT_OK
 from common.records import from_us
 
 DEFAULT_CONFIG = Path("/etc/meterd/agent.toml")
@@ -39,12 +39,39 @@ def register(subparsers: Any) -> None:
     options = sub.add_parser("config-help", help="list every configuration key with its default")
     options.set_defaults(handler=lambda args: _config_help())
 
+    check = sub.add_parser(
+        "check", help="check configuration, certificates, spool and collector before starting"
+    )
+    check.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="agent TOML file")
+    check.add_argument("--timeout", type=_seconds, default=5.0,
+                       help="seconds to wait for the collector (default: %(default)s)")
+    check.set_defaults(handler=_check)
+
 
 def _run(args: argparse.Namespace) -> int:
     from agent.daemon import run
 
     logs.configure(args.log_level)
     return asyncio.run(run(args.config))
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not 0 < value < 3600:
+        raise argparse.ArgumentTypeError(f"expected seconds between 0 and 3600, got {text!r}")
+    return value
+
+
+def _check(args: argparse.Namespace) -> int:
+    from agent.check import run_checks
+
+    findings = run_checks(args.config, timeout=args.timeout)
+    for finding in findings:
+        print(finding.line())
+    return EXIT_OK if all(f.ok for f in findings) else EXIT_ERROR
 
 
 def _config_help() -> int:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
 import time
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ from common import logs
 from common.cli import meterd_version
 from common.errors import MeterdError
 from common.pki import check_private_key_file, host_id_from_certificate
+from common.sdnotify import Notifier
 from common.tls import grpc_channel_credentials, restrict_grpc_to_tls13
 
 log = logs.get("agent")
@@ -90,8 +92,10 @@ class AgentState:
     wake: asyncio.Event = field(default_factory=asyncio.Event)
 
 
-async def run(config_path: Path) -> int:
+async def run(config_path: Path, notifier: Notifier | None = None) -> int:
     restrict_grpc_to_tls13()
+    if notifier is None:
+        notifier = Notifier.from_environment(os.environ, os.getpid())
     cfg = load_agent_config(config_path)
     tls = cfg.raw.tls
     check_private_key_file(cfg.path(tls.key))
@@ -105,7 +109,7 @@ async def run(config_path: Path) -> int:
         agent = AgentState(cfg, host_id, spool, sampler)
         channel = open_channel(cfg)
         try:
-            return await _serve(agent, channel)
+            return await _serve(agent, channel, notifier)
         finally:
             await channel.close(grace=None)
             agent.sampler.close()
@@ -137,7 +141,11 @@ async def _sampling_loop(agent: AgentState) -> None:
         await asyncio.sleep(next_at - now)
 
 
-async def _serve(agent: AgentState, channel: grpc.aio.Channel) -> int:
+async def _serve(
+    agent: AgentState, channel: grpc.aio.Channel, notifier: Notifier | None = None
+) -> int:
+    if notifier is None:
+        notifier = Notifier()  # run outside a service manager: notifications are no-ops
     shipper = Shipper(agent.spool, channel, shipper_settings(agent.config), meterd_version())
     shipper.wake = agent.wake
     stop = asyncio.Event()
@@ -149,6 +157,8 @@ async def _serve(agent: AgentState, channel: grpc.aio.Channel) -> int:
     shipping = asyncio.create_task(shipper.run(), name="shipping")
     log.info("agent_started", host=agent.host_id, collector=agent.config.raw.collector,
              interval_s=str(agent.config.raw.interval_seconds))
+    notifier.ready(f"metering host {agent.host_id}, shipping to {agent.config.raw.collector}")
+    watchdog = asyncio.create_task(notifier.feed_watchdog(), name="watchdog")
     try:
         done, _ = await asyncio.wait(
             [sampling, shipping, asyncio.create_task(stop.wait(), name="stop")],
@@ -159,8 +169,12 @@ async def _serve(agent: AgentState, channel: grpc.aio.Channel) -> int:
                 continue
             task.result()  # a crashed loop is a bug: surface it
     finally:
+        notifier.stopping("taking a final sample and shipping what it can")
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
+        watchdog.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watchdog
         sampling.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await sampling

@@ -9,6 +9,7 @@ load is refused with a log line and the previous configuration stays in force.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -34,6 +35,7 @@ from common import logs
 from common.errors import ConfigError, MeterdError
 from common.pki import check_private_key_file
 from common.proto import meterd_pb2_grpc as pb_grpc
+from common.sdnotify import Notifier
 from common.tls import grpc_server_credentials, restrict_grpc_to_tls13
 
 log = logs.get("collector")
@@ -81,8 +83,12 @@ def to_us_now() -> int:
     return time.time_ns() // 1000
 
 
-async def run(config_path: Path, ready_file: Path | None = None) -> int:
+async def run(
+    config_path: Path, ready_file: Path | None = None, notifier: Notifier | None = None
+) -> int:
     restrict_grpc_to_tls13()
+    if notifier is None:
+        notifier = Notifier.from_environment(os.environ, os.getpid())
     cfg = load_collector_config(config_path)
     tls = cfg.raw.tls
     for key in (cfg.path(tls.key),):
@@ -90,12 +96,14 @@ async def run(config_path: Path, ready_file: Path | None = None) -> int:
     ledger = await open_ledger(cfg)
     try:
         state = Running(cfg, build_service(cfg, ledger))
-        return await _serve(state, ledger, ready_file)
+        return await _serve(state, ledger, ready_file, notifier)
     finally:
         await ledger.close()
 
 
-async def _serve(state: Running, ledger: ShardedLedger, ready_file: Path | None) -> int:
+async def _serve(
+    state: Running, ledger: ShardedLedger, ready_file: Path | None, notifier: Notifier
+) -> int:
     cfg = state.config
     fleet = Fleet()
     released = await state.service.release_held(to_us_now())
@@ -144,10 +152,16 @@ async def _serve(state: Running, ledger: ShardedLedger, ready_file: Path | None)
         tmp.write_text(json.dumps({"pid": os.getpid(), "grpc_port": grpc_port,
                                    "api_port": api_port}))
         tmp.replace(ready_file)
+    notifier.ready(f"ingest on port {grpc_port}, API on port {api_port}")
+    watchdog = asyncio.create_task(notifier.feed_watchdog(), name="watchdog")
     try:
         await stop.wait()
     finally:
         log.info("collector_stopping")
+        notifier.stopping("draining gRPC calls")
+        watchdog.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watchdog
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
         await server.stop(grace=5)
