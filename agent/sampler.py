@@ -20,6 +20,7 @@ counter rules in :mod:`agent.counters`.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from collections.abc import Set as AbstractSet
@@ -76,6 +77,21 @@ class NameFilter:
 def exact_seconds(value: float) -> Decimal:
     """A psutil float of seconds as the decimal it was derived from (see module doc)."""
     return Decimal(repr(value))
+
+
+def distinct_filesystems(mounted: Iterable[tuple[str, int]]) -> list[str]:
+    """One mount point per filesystem (device number): the shortest, then the first by name.
+
+    Bind mounts, and the private ``/tmp`` and state directories a hardened systemd unit
+    gets, are further views of a filesystem already mounted elsewhere: counting each
+    view would bill the same disk several times.
+    """
+    chosen: dict[int, str] = {}
+    for mountpoint, device in mounted:
+        best = chosen.get(device)
+        if best is None or (len(mountpoint), mountpoint) < (len(best), best):
+            chosen[device] = mountpoint
+    return sorted(chosen.values())
 
 
 class PsutilSource:
@@ -150,15 +166,21 @@ class PsutilSource:
         return Readings(counters, gauges, frozenset(scopes))
 
     def _disk_space(self) -> dict[Series, Decimal]:
-        gauges: dict[Series, Decimal] = {}
+        mounted: list[tuple[str, int]] = []
         for part in psutil.disk_partitions(all=False):
             if not self.mounts.allows(part.mountpoint):
                 continue
             try:
-                used = psutil.disk_usage(part.mountpoint).used
+                mounted.append((part.mountpoint, os.stat(part.mountpoint).st_dev))
             except OSError:
                 continue
-            gauges[Series.of("disk.used_byte_seconds", {"mount": part.mountpoint})] = Decimal(used)
+        gauges: dict[Series, Decimal] = {}
+        for mountpoint in distinct_filesystems(mounted):
+            try:
+                used = psutil.disk_usage(mountpoint).used
+            except OSError:
+                continue
+            gauges[Series.of("disk.used_byte_seconds", {"mount": mountpoint})] = Decimal(used)
         return gauges
 
     def _disk_io(self, metrics: AbstractSet[str], scope: str) -> dict[Series, Counter]:
