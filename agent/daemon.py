@@ -90,6 +90,13 @@ class AgentState:
     spool: Spool
     sampler: Sampler
     wake: asyncio.Event = field(default_factory=asyncio.Event)
+    interrupt: asyncio.Event = field(default_factory=asyncio.Event)
+    reload_requested: bool = False
+
+
+def _request_reload(agent: AgentState) -> None:
+    agent.reload_requested = True
+    agent.interrupt.set()
 
 
 async def run(config_path: Path, notifier: Notifier | None = None) -> int:
@@ -118,17 +125,28 @@ async def run(config_path: Path, notifier: Notifier | None = None) -> int:
 
 
 async def _sample_once(agent: AgentState) -> int:
-    records = await asyncio.to_thread(agent.sampler.sample)
-    await asyncio.to_thread(agent.spool.append, records, agent.sampler.state())
+    sampler = agent.sampler  # one sampler for the cycle: its records go with its state
+    records = await asyncio.to_thread(sampler.sample)
+    await asyncio.to_thread(agent.spool.append, records, sampler.state())
     agent.wake.set()
     if records:
         log.debug("sample_spooled", records=len(records))
     return len(records)
 
 
-async def _sampling_loop(agent: AgentState) -> None:
+async def _sampling_loop(agent: AgentState, stop: asyncio.Event) -> None:
+    """Sample until ``stop`` is set, never interrupting a cycle.
+
+    A cycle runs in a worker thread that a cancellation would not stop: cancelling it
+    would advance the sampler's counters and throw away their records. So the loop is
+    never cancelled; it finishes the cycle in progress and returns. A reload asked for
+    by SIGHUP is applied between cycles.
+    """
     next_at = time.monotonic()
-    while True:
+    while not stop.is_set():
+        if agent.reload_requested:
+            agent.reload_requested = False
+            _reload(agent)
         try:
             await _sample_once(agent)
         except (MeterdError, OSError) as exc:
@@ -138,7 +156,9 @@ async def _sampling_loop(agent: AgentState) -> None:
         now = time.monotonic()
         if next_at < now:  # overslept (suspend, overload): keep the cadence, skip no usage
             next_at = now
-        await asyncio.sleep(next_at - now)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(agent.interrupt.wait(), timeout=next_at - now)
+        agent.interrupt.clear()
 
 
 async def _serve(
@@ -150,10 +170,14 @@ async def _serve(
     shipper.wake = agent.wake
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    loop.add_signal_handler(signal.SIGTERM, stop.set)
-    loop.add_signal_handler(signal.SIGINT, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, lambda: _reload(agent))
-    sampling = asyncio.create_task(_sampling_loop(agent), name="sampling")
+    def request_stop() -> None:
+        stop.set()
+        agent.interrupt.set()
+
+    loop.add_signal_handler(signal.SIGTERM, request_stop)
+    loop.add_signal_handler(signal.SIGINT, request_stop)
+    loop.add_signal_handler(signal.SIGHUP, lambda: _request_reload(agent))
+    sampling = asyncio.create_task(_sampling_loop(agent, stop), name="sampling")
     shipping = asyncio.create_task(shipper.run(), name="shipping")
     log.info("agent_started", host=agent.host_id, collector=agent.config.raw.collector,
              interval_s=str(agent.config.raw.interval_seconds))
@@ -175,9 +199,8 @@ async def _serve(
         watchdog.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await watchdog
-        sampling.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await sampling
+        request_stop()
+        await sampling  # finishes the cycle in progress, then returns
         shipping.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await shipping

@@ -11,6 +11,7 @@ and postings.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import sqlite3
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
@@ -164,14 +165,26 @@ class SqliteLedger:
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[_SqliteTx]:
+        """One unit of work. Whatever interrupts it (an error, a cancelled call, a failed
+        COMMIT), a rollback is queued on the ledger thread behind the statements already
+        sent, so the next unit of work never finds a transaction left open."""
         async with self._lock:
-            await self._run(self.conn.execute, "BEGIN IMMEDIATE")
             try:
+                await self._run(self.conn.execute, "BEGIN IMMEDIATE")
                 yield _SqliteTx(self)
+                await self._run(self.conn.execute, "COMMIT")
             except BaseException:
-                await self._run(self.conn.execute, "ROLLBACK")
+                rollback = asyncio.get_running_loop().run_in_executor(
+                    self._executor, self._rollback_if_open
+                )
+                with contextlib.suppress(BaseException):
+                    await asyncio.shield(rollback)
                 raise
-            await self._run(self.conn.execute, "COMMIT")
+
+    def _rollback_if_open(self) -> None:
+        conn = self._conn
+        if conn is not None and conn.in_transaction:
+            conn.execute("ROLLBACK")
 
     async def _query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         def fetch() -> list[tuple[Any, ...]]:
