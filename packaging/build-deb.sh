@@ -89,7 +89,7 @@ ln -s /opt/meterd/bin/meterd "$root/usr/bin/meterd"
 gen manpage "$version" "$(date -u -d "@$SOURCE_DATE_EPOCH" +%Y-%m-%d)" \
     | gzip -9n >"$root/usr/share/man/man1/meterd.1.gz"
 gen copyright "$site" >"$root/usr/share/doc/meterd/copyright"
-install -m 0644 "$top/docs/install.md" "$root/usr/share/doc/meterd/install.md"
+install -m 0644 "$top/README.md" "$root/usr/share/doc/meterd/README.md"
 cat <<EOF | gzip -9n >"$root/usr/share/doc/meterd/changelog.Debian.gz"
 meterd ($debversion) unstable; urgency=medium
 

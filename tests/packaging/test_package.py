@@ -107,7 +107,7 @@ def test_layout(package: Package) -> None:
     assert (tree / "lib/systemd/system/meterd-collector.service").read_bytes() == (
         ROOT / "systemd/meterd-collector.service"
     ).read_bytes()
-    for doc in ("copyright", "changelog.Debian.gz", "install.md"):
+    for doc in ("copyright", "changelog.Debian.gz", "README.md"):
         assert (tree / "usr/share/doc/meterd" / doc).is_file()
     assert (tree / "usr/share/man/man1/meterd.1.gz").is_file()
     leftovers = [p for p in tree.rglob("*") if p.name == "__pycache__" or p.suffix == ".pyc"]
