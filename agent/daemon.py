@@ -77,7 +77,15 @@ def shipper_settings(cfg: LoadedAgentConfig) -> ShipperSettings:
 def open_channel(cfg: LoadedAgentConfig) -> grpc.aio.Channel:
     tls = cfg.raw.tls
     credentials = grpc_channel_credentials(cfg.path(tls.cert), cfg.path(tls.key), cfg.path(tls.ca))
-    options: list[tuple[str, object]] = [("grpc.max_send_message_length", 16 * 1024 * 1024)]
+    shipping = cfg.raw.shipping
+    # gRPC reconnects on its own schedule (up to 120 s by default); keep it within the
+    # shipper's own backoff so a returning collector is found as soon as we retry.
+    options: list[tuple[str, object]] = [
+        ("grpc.max_send_message_length", 16 * 1024 * 1024),
+        ("grpc.initial_reconnect_backoff_ms", int(shipping.backoff_initial_seconds * 1000)),
+        ("grpc.min_reconnect_backoff_ms", int(shipping.backoff_initial_seconds * 1000)),
+        ("grpc.max_reconnect_backoff_ms", int(shipping.backoff_max_seconds * 1000)),
+    ]
     if cfg.raw.server_name:
         options.append(("grpc.ssl_target_name_override", cfg.raw.server_name))
     return grpc.aio.secure_channel(cfg.raw.collector, credentials, options=options)
