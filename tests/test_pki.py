@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import ipaddress
 import os
-import socket
 import ssl
 import stat
-import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -22,6 +20,7 @@ from common import pki
 from common.cli import main
 from common.errors import ConfigError, SecurityError, ValidationError
 from common.tls import client_ssl_context, server_ssl_context
+from tests.tlsutil import handshake
 
 # OpenSSL's verify result for a certificate whose extended key usage does not fit.
 X509_V_ERR_INVALID_PURPOSE = 26
@@ -348,33 +347,7 @@ def _server_side_handshake_error(
     server: ssl.SSLContext, client: ssl.SSLContext
 ) -> OSError | None:
     """Run one TLS handshake on loopback; the server's error, or None if it succeeded."""
-    errors: list[OSError | None] = []
-    with socket.create_server(("127.0.0.1", 0)) as listener:
-        listener.settimeout(10)
-
-        def serve() -> None:
-            try:
-                conn, _ = listener.accept()
-                conn.settimeout(10)
-                with server.wrap_socket(conn, server_side=True) as tls:
-                    tls.sendall(b"k")
-            except OSError as exc:
-                errors.append(exc)
-            else:
-                errors.append(None)
-
-        thread = threading.Thread(target=serve)
-        thread.start()
-        try:
-            with (
-                socket.create_connection(listener.getsockname(), timeout=10) as raw,
-                client.wrap_socket(raw, server_hostname="localhost") as tls,
-            ):
-                tls.recv(1)
-        except (ssl.SSLError, OSError):
-            pass
-        thread.join()
-    return errors[0]
+    return handshake(server, client).server_error
 
 
 def test_only_an_agent_certificate_passes_as_a_client_certificate(ca_dir: Path) -> None:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-# gRPC reads its TLS 1.2 cipher list while it is imported: restrict first, import after.
 from common.tls import restrict_grpc_to_tls13
+
+# gRPC reads its TLS 1.2 cipher list while it is imported: restrict first, import after.
+from tests.tlsutil import Handshake, handshake
 
 restrict_grpc_to_tls13()
 
@@ -12,7 +14,6 @@ import socket  # noqa: E402
 import ssl  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
-import threading  # noqa: E402
 from collections.abc import Iterator  # noqa: E402
 from concurrent import futures  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
@@ -237,7 +238,7 @@ def _python_client(material: Pki, maximum: ssl.TLSVersion) -> ssl.SSLContext:
     return context
 
 
-def test_grpc_refuses_a_tls12_client_at_the_handshake(
+def test_grpc_refuses_a_tls12_client_at_thehandshake(
     material: Pki, echo_server: EchoServer
 ) -> None:
     context = _python_client(material, ssl.TLSVersion.TLSv1_2)
@@ -357,45 +358,6 @@ def test_peer_identity_without_a_certificate_is_a_security_error(
 # --- TLS contexts for the REST listener ---------------------------------------------
 
 
-@dataclass(frozen=True)
-class Handshake:
-    server_error: OSError | None
-    client_version: str | None
-
-
-def _handshake(server: ssl.SSLContext, client: ssl.SSLContext) -> Handshake:
-    """One TLS handshake on loopback, then one byte from server to client."""
-    errors: list[OSError | None] = []
-    version: str | None = None
-    with socket.create_server(("127.0.0.1", 0)) as listener:
-        listener.settimeout(10)
-
-        def serve() -> None:
-            try:
-                conn, _ = listener.accept()
-                conn.settimeout(10)
-                with server.wrap_socket(conn, server_side=True) as tls:
-                    tls.sendall(b"k")
-            except OSError as exc:
-                errors.append(exc)
-            else:
-                errors.append(None)
-
-        thread = threading.Thread(target=serve)
-        thread.start()
-        try:
-            with (
-                socket.create_connection(listener.getsockname(), timeout=10) as raw,
-                client.wrap_socket(raw, server_hostname="localhost") as tls,
-            ):
-                if tls.recv(1) == b"k":
-                    version = tls.version()
-        except (ssl.SSLError, OSError):
-            pass
-        thread.join()
-    return Handshake(server_error=errors[0], client_version=version)
-
-
 def _plain_client(material: Pki, maximum: ssl.TLSVersion) -> ssl.SSLContext:
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     context.maximum_version = maximum
@@ -406,7 +368,7 @@ def _plain_client(material: Pki, maximum: ssl.TLSVersion) -> ssl.SSLContext:
 def test_rest_server_context_speaks_tls13(material: Pki) -> None:
     server = server_ssl_context(material.server.cert, material.server.key)
 
-    result = _handshake(server, _plain_client(material, ssl.TLSVersion.TLSv1_3))
+    result = handshake(server, _plain_client(material, ssl.TLSVersion.TLSv1_3))
 
     assert result == Handshake(server_error=None, client_version="TLSv1.3")
 
@@ -414,7 +376,7 @@ def test_rest_server_context_speaks_tls13(material: Pki) -> None:
 def test_rest_server_context_refuses_tls12(material: Pki) -> None:
     server = server_ssl_context(material.server.cert, material.server.key)
 
-    result = _handshake(server, _plain_client(material, ssl.TLSVersion.TLSv1_2))
+    result = handshake(server, _plain_client(material, ssl.TLSVersion.TLSv1_2))
 
     assert result.client_version is None
     assert isinstance(result.server_error, ssl.SSLError)
@@ -426,10 +388,10 @@ def test_rest_server_context_can_require_a_client_certificate(material: Pki) -> 
         material.server.cert, material.server.key, material.ca, require_client_cert=True
     )
 
-    with_cert = _handshake(
+    with_cert = handshake(
         server, client_ssl_context(material.ca, material.agent.cert, material.agent.key)
     )
-    without = _handshake(server, client_ssl_context(material.ca))
+    without = handshake(server, client_ssl_context(material.ca))
 
     assert with_cert == Handshake(server_error=None, client_version="TLSv1.3")
     assert without.client_version is None
@@ -448,8 +410,8 @@ def test_rest_client_context_refuses_a_tls12_server(material: Pki) -> None:
     tls12_only.load_cert_chain(material.server.cert, material.server.key)
     control = server_ssl_context(material.server.cert, material.server.key)
 
-    assert _handshake(control, client_ssl_context(material.ca)).client_version == "TLSv1.3"
-    assert _handshake(tls12_only, client_ssl_context(material.ca)).client_version is None
+    assert handshake(control, client_ssl_context(material.ca)).client_version == "TLSv1.3"
+    assert handshake(tls12_only, client_ssl_context(material.ca)).client_version is None
 
 
 def test_rest_client_context_refuses_a_server_from_another_ca(
@@ -459,7 +421,7 @@ def test_rest_client_context_refuses_a_server_from_another_ca(
     stranger = pki.issue_server(tmp_path, "localhost")
     server = server_ssl_context(stranger.cert, stranger.key)
 
-    assert _handshake(server, client_ssl_context(material.ca)).client_version is None
+    assert handshake(server, client_ssl_context(material.ca)).client_version is None
 
 
 def test_rest_client_context_needs_both_certificate_and_key(material: Pki) -> None:

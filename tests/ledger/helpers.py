@@ -17,7 +17,7 @@ from collector.routing import Assignment, Router
 from common.ids import new_id
 from common.records import UsageRecord, to_us
 
-TARIFF = """
+EGRESS_PRICE = """
 [[prices]]
 id = "egress"
 product = "Bandwidth"
@@ -27,7 +27,9 @@ unit = "GB"
 billing_scheme = "per_unit"
 unit_amount_decimal = "0.013"
 recurring = { interval = "month", usage_type = "metered", aggregate_usage = "sum" }
+"""
 
+TARIFF = EGRESS_PRICE + """
 [[prices]]
 id = "cpu"
 product = "Compute"

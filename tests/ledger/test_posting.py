@@ -10,30 +10,12 @@ from collector.ledger.store import Counter
 from collector.pricing import AccountPrices, AccountTerms
 from collector.rating.tariff import parse_tariff_text
 from common.records import to_us
-from tests.ledger.helpers import record
+from tests.ledger.helpers import EGRESS_PRICE, record
 
-VERSIONED = """
-[[prices]]
-id = "egress"
-product = "Bandwidth"
-currency = "eur"
-metric = "net.tx_bytes"
-unit = "GB"
-billing_scheme = "per_unit"
-unit_amount_decimal = "0.013"
-recurring = { interval = "month", usage_type = "metered", aggregate_usage = "sum" }
-
-[[prices]]
-id = "egress"
-product = "Bandwidth"
-currency = "eur"
-metric = "net.tx_bytes"
-unit = "GB"
-billing_scheme = "per_unit"
-unit_amount_decimal = "0.020"
-effective_from = "2026-11-15T00:00:00Z"
-recurring = { interval = "month", usage_type = "metered", aggregate_usage = "sum" }
-"""
+# A second version of the egress price, in force from 15 November.
+VERSIONED = EGRESS_PRICE + EGRESS_PRICE.replace('"0.013"', '"0.020"') + (
+    'effective_from = "2026-11-15T00:00:00Z"\n'
+)
 
 BEFORE = to_us(datetime(2026, 11, 10, tzinfo=UTC))
 AFTER = to_us(datetime(2026, 11, 20, tzinfo=UTC))

@@ -1,0 +1,47 @@
+"""One real TLS handshake on loopback, for tests of certificates and TLS contexts."""
+
+from __future__ import annotations
+
+import socket
+import ssl
+import threading
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Handshake:
+    server_error: OSError | None
+    client_version: str | None
+
+
+def handshake(server: ssl.SSLContext, client: ssl.SSLContext) -> Handshake:
+    """One TLS handshake on loopback, then one byte from server to client."""
+    errors: list[OSError | None] = []
+    version: str | None = None
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        listener.settimeout(10)
+
+        def serve() -> None:
+            try:
+                conn, _ = listener.accept()
+                conn.settimeout(10)
+                with server.wrap_socket(conn, server_side=True) as tls:
+                    tls.sendall(b"k")
+            except OSError as exc:
+                errors.append(exc)
+            else:
+                errors.append(None)
+
+        thread = threading.Thread(target=serve)
+        thread.start()
+        try:
+            with (
+                socket.create_connection(listener.getsockname(), timeout=10) as raw,
+                client.wrap_socket(raw, server_hostname="localhost") as tls,
+            ):
+                if tls.recv(1) == b"k":
+                    version = tls.version()
+        except (ssl.SSLError, OSError):
+            pass
+        thread.join()
+    return Handshake(server_error=errors[0], client_version=version)
