@@ -9,6 +9,7 @@ skipped, except under CI (``CI=true``), where that fails the run.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import os
 import shutil
@@ -35,7 +36,10 @@ def _answers(dsn: str) -> bool:
         await conn.close()
         return True
 
-    return asyncio.run(probe())
+    # The first test to need a server may already run inside an event loop: probe
+    # from a thread of our own, with its own loop.
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(asyncio.run, probe()).result()
 
 
 def _pg_bin() -> Path | None:
