@@ -4,15 +4,23 @@ A unit of work is one transaction on one pooled connection (READ COMMITTED). The
 unique key on ``records.record_id`` decides which of two concurrent collectors posts a
 record: the loser's ``INSERT ... ON CONFLICT DO NOTHING`` waits for the winner's commit
 and then inserts nothing, so it answers ``duplicate``. Counters and chain heads are
-locked with ``SELECT ... FOR UPDATE`` in a fixed order (sorted keys, then accounts in
-order), so concurrent transactions queue instead of deadlocking.
+locked in a fixed order (sorted keys, then accounts in order), so concurrent
+transactions queue instead of deadlocking.
 
 Append-only: a trigger refuses UPDATE, DELETE and TRUNCATE on records, journal and
 postings for every role; amounts are NUMERIC.
+
+Round trips: a posting transaction costs BEGIN, the record insert, the counter lock
+(which creates missing counters at zero, so that they can be locked too), the
+chain-head lock and one statement that writes the journal entry, its postings,
+balances, the saved counters and the new chain head together, then COMMIT. Counters
+saved with :meth:`_PgTx.save_counters` are written with the next entry, or before the
+next counter read or the commit, whichever comes first.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
@@ -138,7 +146,90 @@ UNAVAILABLE = (
     TimeoutError,
 )
 
+# The new ids come back as one array, not one result row per record.
+_INSERT_RECORDS = (
+    "WITH new AS (INSERT INTO records SELECT r.id, $1, $2, r.host, r.metric, r.unit,"
+    " r.q::numeric, r.s, r.e, r.seq, r.labels::jsonb, $3"
+    " FROM unnest($4::text[], $5::text[], $6::text[], $7::text[], $8::text[],"
+    " $9::bigint[], $10::bigint[], $11::bigint[], $12::text[])"
+    " AS r(id, host, metric, unit, q, s, e, seq, labels)"
+    " ON CONFLICT (record_id) DO NOTHING RETURNING record_id)"
+    " SELECT coalesce(array_agg(record_id), '{}') FROM new"
+)
+# Locks every counter a batch touches, creating the missing ones at zero first: a
+# counter that does not exist yet cannot be locked with SELECT ... FOR UPDATE, and two
+# transactions rating the first usage of a period would then both start from zero and
+# the later one would overwrite the other's quantity. With the upsert the later one
+# waits for the earlier one's commit and reads its result. Sorted keys, fixed order.
+_LOCK_COUNTERS = (
+    "INSERT INTO counters SELECT k.a, k.p, k.s, 0, 0"
+    " FROM unnest($1::text[], $2::text[], $3::bigint[]) AS k(a, p, s) ORDER BY k.a, k.p, k.s"
+    " ON CONFLICT (account_id, price_id, period_start_us)"
+    " DO UPDATE SET quantity = counters.quantity"
+    " RETURNING account_id, price_id, period_start_us, quantity, amount"
+)
+_SAVE_COUNTERS = (
+    "INSERT INTO counters SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[],"
+    " $4::numeric[], $5::numeric[]) ON CONFLICT (account_id, price_id, period_start_us)"
+    " DO UPDATE SET quantity = EXCLUDED.quantity, amount = EXCLUDED.amount"
+)
+_LOCK_HEAD = "SELECT chain_seq, hash FROM chain_heads WHERE account_id = $1 FOR UPDATE"
+_NEW_HEAD = "INSERT INTO chain_heads VALUES ($1, 0, $2) ON CONFLICT (account_id) DO NOTHING"
+# The sub-statements touch different tables, so their order within the statement does
+# not matter; all of them run to completion whether or not the UPDATE reads them.
+_APPEND_ENTRY = (
+    "WITH journal_row AS (INSERT INTO journal VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)),"
+    " posting_rows AS (INSERT INTO postings SELECT $1, p.i, $2, p.a, p.c, p.v"
+    " FROM unnest($10::int[], $11::text[], $12::text[], $13::numeric[]) AS p(i, a, c, v)),"
+    " balance_rows AS (INSERT INTO balances SELECT $2, b.a, b.c, sum(b.v)"
+    " FROM unnest($11::text[], $12::text[], $13::numeric[]) AS b(a, c, v)"
+    " GROUP BY b.a, b.c ORDER BY b.a, b.c"
+    " ON CONFLICT (account_id, ledger_account, currency)"
+    " DO UPDATE SET amount = balances.amount + EXCLUDED.amount),"
+    " counter_rows AS (INSERT INTO counters SELECT * FROM unnest($14::text[], $15::text[],"
+    " $16::bigint[], $17::numeric[], $18::numeric[])"
+    " ON CONFLICT (account_id, price_id, period_start_us)"
+    " DO UPDATE SET quantity = EXCLUDED.quantity, amount = EXCLUDED.amount)"
+    " UPDATE chain_heads SET chain_seq = $3, hash = $9 WHERE account_id = $2"
+)
+_LABELS_JSON = json.JSONEncoder(sort_keys=True)
+
+
+def _counter_columns(
+    ordered: Sequence[tuple[CounterKey, Counter]],
+) -> tuple[list[str], list[str], list[int], list[Decimal], list[Decimal]]:
+    return (
+        [k.account_id for k, _ in ordered],
+        [k.price_id for k, _ in ordered],
+        [k.period_start_us for k, _ in ordered],
+        [v.quantity for _, v in ordered],
+        [v.amount for _, v in ordered],
+    )
+
+
+def _record_id(record: UsageRecord) -> str:
+    return record.id
+
+
+@functools.lru_cache(maxsize=4096)
+def _labels_items_json(items: tuple[tuple[str, str], ...]) -> str:
+    return _LABELS_JSON.encode(dict(items))
+
+
+def _labels_json(labels: Mapping[str, str]) -> str:
+    """The labels as JSON text; a fleet repeats a few label sets, each encoded once."""
+    return _labels_items_json(tuple(labels.items()))
+
+
 _SCHEMA_LOCK = 0x6D65746572  # advisory lock id ("meter") serialising schema creation
+
+
+async def _nothing_to_reset(conn: asyncpg.Connection) -> None:
+    """Pool release hook. The ledger leaves no session state on a connection (no SET,
+    LISTEN, cursor or session advisory lock; its one advisory lock is transaction
+    scoped) and asyncpg rolls back any open transaction before calling this, so the
+    round trip of asyncpg's default reset query (RESET ALL, UNLISTEN *, ...) after
+    every transaction is skipped."""
 
 
 class PostgresLedger:
@@ -155,7 +246,8 @@ class PostgresLedger:
     ) -> PostgresLedger:
         try:
             pool = await asyncpg.create_pool(
-                dsn, min_size=min_size, max_size=max_size, command_timeout=60
+                dsn, min_size=min_size, max_size=max_size, command_timeout=60,
+                reset=_nothing_to_reset,
             )
             async with pool.acquire() as conn, conn.transaction():
                 await conn.execute("SELECT pg_advisory_xact_lock($1)", _SCHEMA_LOCK)
@@ -168,7 +260,9 @@ class PostgresLedger:
     async def transaction(self) -> AsyncIterator[_PgTx]:
         try:
             async with self._pool.acquire() as conn, conn.transaction():
-                yield _PgTx(conn)
+                tx = _PgTx(conn)
+                yield tx
+                await tx.flush()
         except UNAVAILABLE as exc:
             raise StoreUnavailable(f"{self.name}: {type(exc).__name__}: {exc}") from exc
 
@@ -287,32 +381,32 @@ class PostgresLedger:
 class _PgTx:
     def __init__(self, conn: asyncpg.Connection) -> None:
         self._conn = conn
+        self._counters: list[tuple[CounterKey, Counter]] = []  # saved, not yet written
+
+    async def flush(self) -> None:
+        """Write the counters saved since the last write."""
+        if self._counters:
+            ordered, self._counters = self._counters, []
+            await self._conn.execute(_SAVE_COUNTERS, *_counter_columns(ordered))
 
     async def insert_records(
         self, account_id: str, entry_id: str, records: Sequence[UsageRecord], received_us: int
     ) -> set[str]:
-        ordered = sorted(records, key=lambda r: r.id)
-        rows = await self._conn.fetch(
-            "INSERT INTO records SELECT r.id, $1, $2, r.host, r.metric, r.unit, r.q::numeric,"
-            " r.s, r.e, r.seq, r.labels::jsonb, $3"
-            " FROM unnest($4::text[], $5::text[], $6::text[], $7::text[], $8::text[],"
-            " $9::bigint[], $10::bigint[], $11::bigint[], $12::text[])"
-            " AS r(id, host, metric, unit, q, s, e, seq, labels)"
-            " ON CONFLICT (record_id) DO NOTHING RETURNING record_id",
-            account_id,
-            entry_id,
-            received_us,
-            [r.id for r in ordered],
-            [r.host_id for r in ordered],
-            [r.metric for r in ordered],
-            [r.unit for r in ordered],
-            [r.quantity_text for r in ordered],
-            [r.start_us for r in ordered],
-            [r.end_us for r in ordered],
-            [r.seq for r in ordered],
-            [json.dumps(dict(r.labels), sort_keys=True) for r in ordered],
+        if not records:
+            return set()
+        # One pass over the records, then one column per array parameter.
+        columns = zip(
+            *[
+                (r.id, r.host_id, r.metric, r.unit, r.quantity_text, r.start_us, r.end_us,
+                 r.seq, _labels_json(r.labels))
+                for r in sorted(records, key=_record_id)
+            ],
+            strict=True,
         )
-        return {r[0] for r in rows}
+        new: list[str] = await self._conn.fetchval(
+            _INSERT_RECORDS, account_id, entry_id, received_us, *columns
+        )
+        return set(new)
 
     async def hold(self, records: Sequence[UsageRecord], received_us: int) -> set[str]:
         ordered = sorted(records, key=lambda r: r.id)
@@ -332,14 +426,12 @@ class _PgTx:
         await self._conn.execute("DELETE FROM held WHERE record_id = ANY($1::text[])", record_ids)
 
     async def load_counters(self, keys: Sequence[CounterKey]) -> dict[CounterKey, Counter]:
+        await self.flush()
         ordered = sorted(set(keys))
         if not ordered:
             return {}
         rows = await self._conn.fetch(
-            "SELECT c.account_id, c.price_id, c.period_start_us, c.quantity, c.amount"
-            " FROM counters c JOIN unnest($1::text[], $2::text[], $3::bigint[]) AS k(a, p, s)"
-            " ON c.account_id = k.a AND c.price_id = k.p AND c.period_start_us = k.s"
-            " ORDER BY c.account_id, c.price_id, c.period_start_us FOR UPDATE OF c",
+            _LOCK_COUNTERS,
             [k.account_id for k in ordered],
             [k.price_id for k in ordered],
             [k.period_start_us for k in ordered],
@@ -347,64 +439,29 @@ class _PgTx:
         return {CounterKey(r[0], r[1], r[2]): Counter(r[3], r[4]) for r in rows}
 
     async def save_counters(self, values: Mapping[CounterKey, Counter]) -> None:
-        ordered = sorted(values.items())
-        await self._conn.execute(
-            "INSERT INTO counters SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[],"
-            " $4::numeric[], $5::numeric[]) ON CONFLICT (account_id, price_id, period_start_us)"
-            " DO UPDATE SET quantity = EXCLUDED.quantity, amount = EXCLUDED.amount",
-            [k.account_id for k, _ in ordered],
-            [k.price_id for k, _ in ordered],
-            [k.period_start_us for k, _ in ordered],
-            [v.quantity for _, v in ordered],
-            [v.amount for _, v in ordered],
-        )
+        await self.flush()
+        self._counters = sorted(values.items())
 
     async def append_entry(self, entry: JournalEntry) -> ChainLink:
         conn = self._conn
-        await conn.execute(
-            "INSERT INTO chain_heads VALUES ($1, 0, $2) ON CONFLICT (account_id) DO NOTHING",
-            entry.account_id,
-            GENESIS_HASH,
-        )
-        head = await conn.fetchrow(
-            "SELECT chain_seq, hash FROM chain_heads WHERE account_id = $1 FOR UPDATE",
-            entry.account_id,
-        )
-        assert head is not None
+        head = await conn.fetchrow(_LOCK_HEAD, entry.account_id)
+        if head is None:  # the account's first entry: create its chain head, then lock it
+            await conn.execute(_NEW_HEAD, entry.account_id, GENESIS_HASH)
+            head = await conn.fetchrow(_LOCK_HEAD, entry.account_id)
+            assert head is not None
         seq, prev = head[0] + 1, head[1]
         digest = entry_hash(entry, seq, prev)
+        counters, self._counters = self._counters, []
+        postings = entry.postings
         await conn.execute(
-            "INSERT INTO journal VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9)",
+            _APPEND_ENTRY,
             entry.id, entry.account_id, seq, entry.kind, entry.memo, entry.created_us,
             entry.records_digest, prev, digest,
-        )
-        if entry.postings:
-            postings = entry.postings
-            await conn.execute(
-                "INSERT INTO postings SELECT $1, i, $2, a, c, v FROM unnest($3::int[], $4::text[],"
-                " $5::text[], $6::numeric[]) AS p(i, a, c, v)",
-                entry.id,
-                entry.account_id,
-                list(range(len(postings))),
-                [p.ledger_account for p in postings],
-                [p.currency for p in postings],
-                [p.amount for p in postings],
-            )
-            await conn.execute(
-                "INSERT INTO balances SELECT $1, a, c, sum(v) FROM unnest($2::text[],"
-                " $3::text[], $4::numeric[]) AS p(a, c, v) GROUP BY a, c ORDER BY a, c"
-                " ON CONFLICT (account_id, ledger_account, currency)"
-                " DO UPDATE SET amount = balances.amount + EXCLUDED.amount",
-                entry.account_id,
-                [p.ledger_account for p in postings],
-                [p.currency for p in postings],
-                [p.amount for p in postings],
-            )
-        await conn.execute(
-            "UPDATE chain_heads SET chain_seq = $2, hash = $3 WHERE account_id = $1",
-            entry.account_id,
-            seq,
-            digest,
+            list(range(len(postings))),
+            [p.ledger_account for p in postings],
+            [p.currency for p in postings],
+            [p.amount for p in postings],
+            *_counter_columns(counters),
         )
         return ChainLink(entry, seq, prev, digest)
 
