@@ -15,6 +15,7 @@ piecewise; they are rated when the period closes.
 
 from __future__ import annotations
 
+import functools
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -41,6 +42,7 @@ class PriceSource(Protocol):
         """The metered, summed prices that rate ``metric`` for the account at ``at``."""
 
 
+@functools.lru_cache(maxsize=4096)
 def period_start_us(start_us: int) -> int:
     """Start of the billing period holding ``start_us``: the calendar month in UTC.
 
@@ -57,14 +59,40 @@ class RatedBatch:
     counters: dict[CounterKey, Counter]
 
 
+class _AccountPrices:
+    """The prices (each with its counter key) that rate a record of one account, looked
+    up once per (metric, window start): the records of one sampling cycle share their
+    window, so a batch of a thousand records needs a few dozen lookups, not a thousand."""
+
+    __slots__ = ("_account_id", "_memo", "_prices")
+
+    def __init__(self, account_id: str, prices: PriceSource) -> None:
+        self._account_id = account_id
+        self._prices = prices
+        self._memo: dict[tuple[str, int], list[tuple[Price, CounterKey]]] = {}
+
+    def of(self, record: UsageRecord) -> list[tuple[Price, CounterKey]]:
+        key = (record.metric, record.start_us)
+        found = self._memo.get(key)
+        if found is None:
+            period = period_start_us(record.start_us)
+            found = self._memo[key] = [
+                (price, CounterKey(self._account_id, price.id, period))
+                for price in self._prices.prices_for(self._account_id, record.metric,
+                                                     record.start)
+            ]
+        return found
+
+
 def counter_keys(
     account_id: str, records: Sequence[UsageRecord], prices: PriceSource
 ) -> dict[CounterKey, Price]:
     """The counters that ``records`` touch, each with its price."""
     keys: dict[CounterKey, Price] = {}
+    lookup = _AccountPrices(account_id, prices)
     for record in records:
-        for price in prices.prices_for(account_id, record.metric, record.start):
-            keys[CounterKey(account_id, price.id, period_start_us(record.start_us))] = price
+        for price, key in lookup.of(record):
+            keys[key] = price
     return keys
 
 
@@ -88,11 +116,11 @@ def rate_usage(
     margin of the new version.
     """
     runs: dict[CounterKey, list[tuple[Price, Decimal]]] = {}
+    lookup = _AccountPrices(account_id, prices)
     for record in sorted(records, key=lambda r: (r.start_us, r.id)):
-        for price in prices.prices_for(account_id, record.metric, record.start):
-            key = CounterKey(account_id, price.id, period_start_us(record.start_us))
+        for price, key in lookup.of(record):
             key_runs = runs.setdefault(key, [])
-            if key_runs and key_runs[-1][0] == price:
+            if key_runs and (key_runs[-1][0] is price or key_runs[-1][0] == price):
                 key_runs[-1] = (price, CONTEXT.add(key_runs[-1][1], record.quantity))
             else:
                 key_runs.append((price, record.quantity))

@@ -62,12 +62,21 @@ class LedgerService:
         by_store: dict[int, dict[str, list[UsageRecord]]] = defaultdict(lambda: defaultdict(list))
         held: dict[int, list[UsageRecord]] = defaultdict(list)
         index = {id(s): i for i, s in enumerate(self.ledger.stores)}
+        # Shards looked up once per account and host, not once per record (a hash each).
+        account_shard: dict[str, int] = {}
+        host_shard: dict[str, int] = {}
         for record in records:
             account = self.router.account_for(record)
             if account is None:
-                held[index[id(self.ledger.for_host(record.host_id))]].append(record)
+                shard = host_shard.get(record.host_id)
+                if shard is None:
+                    shard = index[id(self.ledger.for_host(record.host_id))]
+                    host_shard[record.host_id] = shard
+                held[shard].append(record)
             else:
-                shard = index[id(self.ledger.for_account(account))]
+                shard = account_shard.get(account)
+                if shard is None:
+                    shard = account_shard[account] = index[id(self.ledger.for_account(account))]
                 by_store[shard][account].append(record)
         shards = sorted(set(by_store) | set(held))
         results = await asyncio.gather(
