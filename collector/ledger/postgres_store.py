@@ -35,19 +35,20 @@ from collector.ledger.journal import (
     JournalEntry,
     Posting,
     entry_hash,
-    records_digest,
     restore_entry,
 )
 from collector.ledger.store import (
+    ENTRY_RECORDS_SQL,
+    ORPHAN_RECORDS_SQL,
     Counter,
     CounterKey,
     UsageTotal,
     describe_balance_mismatches,
+    describe_unlinked,
     record_from_json,
     record_to_json,
 )
 from common.errors import StoreUnavailable
-from common.money import canonical_text
 from common.records import UsageRecord
 
 SCHEMA = """
@@ -352,27 +353,9 @@ class PostgresLedger:
         return [r[0] for r in rows]
 
     async def unlinked_records(self) -> list[str]:
-        rows = await self._fetch(
-            "SELECT j.entry_id, j.records_digest, r.record_id, r.quantity FROM journal j"
-            " LEFT JOIN records r ON r.entry_id = j.entry_id WHERE j.kind = 'usage'"
-            " ORDER BY j.entry_id"
+        return describe_unlinked(
+            await self._fetch(ENTRY_RECORDS_SQL), await self._fetch(ORPHAN_RECORDS_SQL)
         )
-        grouped: dict[str, tuple[str, list[tuple[str, str]]]] = {}
-        for entry_id, digest, record_id, quantity in rows:
-            items = grouped.setdefault(entry_id, (digest, []))[1]
-            if record_id is not None:
-                items.append((record_id, canonical_text(quantity)))
-        problems = [
-            f"entry {e}: its records do not match its digest"
-            for e, (digest, items) in grouped.items()
-            if records_digest(items) != digest
-        ]
-        orphans = await self._fetch(
-            "SELECT r.record_id FROM records r LEFT JOIN journal j ON j.entry_id = r.entry_id"
-            " WHERE j.entry_id IS NULL"
-        )
-        problems += [f"record {r[0]}: its journal entry is missing" for r in orphans]
-        return problems
 
     async def close(self) -> None:
         await self._pool.close()

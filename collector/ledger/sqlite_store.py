@@ -27,14 +27,16 @@ from collector.ledger.journal import (
     JournalEntry,
     Posting,
     entry_hash,
-    records_digest,
     restore_entry,
 )
 from collector.ledger.store import (
+    ENTRY_RECORDS_SQL,
+    ORPHAN_RECORDS_SQL,
     Counter,
     CounterKey,
     UsageTotal,
     describe_balance_mismatches,
+    describe_unlinked,
     record_from_json,
     record_to_json,
 )
@@ -265,27 +267,9 @@ class SqliteLedger:
         return [r[0] for r in rows]
 
     async def unlinked_records(self) -> list[str]:
-        rows = await self._query(
-            "SELECT j.entry_id, j.records_digest, r.record_id, r.quantity FROM journal j"
-            " LEFT JOIN records r ON r.entry_id = j.entry_id WHERE j.kind = 'usage'"
-            " ORDER BY j.entry_id"
+        return describe_unlinked(
+            await self._query(ENTRY_RECORDS_SQL), await self._query(ORPHAN_RECORDS_SQL)
         )
-        grouped: dict[str, tuple[str, list[tuple[str, str]]]] = {}
-        for entry_id, digest, record_id, quantity in rows:
-            items = grouped.setdefault(entry_id, (digest, []))[1]
-            if record_id is not None:
-                items.append((record_id, quantity))
-        problems = [
-            f"entry {e}: its records do not match its digest"
-            for e, (digest, items) in grouped.items()
-            if records_digest(items) != digest
-        ]
-        orphans = await self._query(
-            "SELECT r.record_id FROM records r LEFT JOIN journal j ON j.entry_id = r.entry_id"
-            " WHERE j.entry_id IS NULL"
-        )
-        problems += [f"record {r[0]}: its journal entry is missing" for r in orphans]
-        return problems
 
     async def close(self) -> None:
         if self._conn is not None:

@@ -12,13 +12,14 @@ journal entries and postings refuse UPDATE and DELETE at the database level.
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import Protocol
+from typing import Any, Protocol
 
-from collector.ledger.journal import ChainLink, JournalEntry, Posting
+from collector.ledger.journal import ChainLink, JournalEntry, Posting, records_digest
+from common.money import canonical_text
 from common.records import UsageRecord
 
 
@@ -138,4 +139,35 @@ def describe_balance_mismatches(
                 f"account {account} {ledger_account} {currency}: balance {actual}"
                 f" but postings sum to {expected}"
             )
+    return problems
+
+
+# The queries behind ``unlinked_records``, the same on every store.
+ENTRY_RECORDS_SQL = (
+    "SELECT j.entry_id, j.records_digest, r.record_id, r.quantity FROM journal j"
+    " LEFT JOIN records r ON r.entry_id = j.entry_id WHERE j.kind = 'usage'"
+    " ORDER BY j.entry_id"
+)
+ORPHAN_RECORDS_SQL = (
+    "SELECT r.record_id FROM records r LEFT JOIN journal j ON j.entry_id = r.entry_id"
+    " WHERE j.entry_id IS NULL"
+)
+
+
+def describe_unlinked(
+    entry_records: Iterable[Sequence[Any]], orphans: Iterable[Sequence[Any]]
+) -> list[str]:
+    """Usage entries whose records no longer match the digest they were chained with,
+    and records whose entry is missing, from the rows of the two queries above."""
+    grouped: dict[str, tuple[str, list[tuple[str, str]]]] = {}
+    for entry_id, digest, record_id, quantity in entry_records:
+        items = grouped.setdefault(entry_id, (digest, []))[1]
+        if record_id is not None:
+            items.append((record_id, canonical_text(Decimal(quantity))))
+    problems = [
+        f"entry {e}: its records do not match its digest"
+        for e, (digest, items) in grouped.items()
+        if records_digest(items) != digest
+    ]
+    problems += [f"record {r[0]}: its journal entry is missing" for r in orphans]
     return problems
