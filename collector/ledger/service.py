@@ -46,6 +46,12 @@ class ShardedLedger:
     def for_host(self, host_id: str) -> LedgerStore:
         return self.stores[self.shard_map.shard_of(f"host:{host_id}")]
 
+    @property
+    def control(self) -> LedgerStore:
+        """The store of what belongs to no account (API tokens, the audit log, webhook
+        subscriptions): the first shard, or the embedded SQLite file."""
+        return self.stores[0]
+
     async def close(self) -> None:
         for store in self.stores:
             await store.close()
