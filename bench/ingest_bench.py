@@ -134,6 +134,7 @@ class Host:
     account: str
     seq: int = 0
     cycle: int = 0
+    epoch: str = field(default_factory=new_id)  # the agent's spool: its sequence epoch
 
 
 def make_batch(h: Host, count: int, start_us: int, rng: random.Random) -> bytes:
@@ -152,7 +153,8 @@ def make_batch(h: Host, count: int, start_us: int, rng: random.Random) -> bytes:
         if h.seq % (len(SERIES) * 16) == 0:
             h.cycle += 1
     request = pb.PushRequest(records=records, agent_version="bench",
-                             sent_at_us=time.time_ns() // 1000)
+                             sent_at_us=time.time_ns() // 1000, seq_epoch=h.epoch,
+                             seq_epoch_start=0)
     return request.SerializeToString()
 
 

@@ -3,8 +3,17 @@
 The host id comes from the verified client certificate, never from the request: a
 record naming another host is rejected with its reason while the rest of the batch
 goes on. Each record is validated on its own (schema, quantity, window, not too far
-in the future of the collector's clock, not older than the maximum lateness); a bad
-record gets ``REJECTED`` with a reason, never a failed call.
+in the future of the collector's clock); a bad record gets ``REJECTED`` with a reason,
+never a failed call. A record whose window ended longer ago than the maximum lateness
+is quarantined with its reason and answered ``ACCEPTED`` (see
+:mod:`collector.billing.quarantine`): nothing is dropped.
+
+Every call also accounts for its seqs (the host's sequence numbers of the records it
+answers for, and the ranges the agent's spool compaction retired): see
+:mod:`collector.sequences`. They are written with the call's postings, so an
+acknowledgement is sent only once the seqs it covers are recorded; call metadata that
+cannot be tracked (an epoch that is not short printable text, a retired range that
+ends before it starts) refuses the call with INVALID_ARGUMENT.
 
 A certificate whose serial is on the deny list is refused with PERMISSION_DENIED
 before anything is read. A call that would push the records in flight past the
@@ -20,14 +29,16 @@ from collections.abc import Callable
 
 import grpc
 
+from collector.billing.quarantine import quarantine_records
 from collector.config import IngestConfig
-from collector.fleet import Fleet
+from collector.fleet import Fleet, certificate_expiry_us
 from collector.ledger.service import LedgerService, Outcome
+from collector.sequences import check_epoch, seq_marks
 from common import logs
 from common.errors import RecordError, SecurityError, StoreUnavailable
 from common.proto import meterd_pb2 as pb
 from common.proto import meterd_pb2_grpc as pb_grpc
-from common.records import UsageRecord
+from common.records import MAX_STORED_SEQ, UsageRecord
 from common.tls import PEER_CERTIFICATE_KEY, peer_certificate_serial, peer_host_id
 from common.wire import from_proto
 
@@ -45,11 +56,12 @@ _OUTCOMES = {
 
 
 @functools.lru_cache(maxsize=4096)
-def _identity(certificates: tuple[bytes, ...]) -> tuple[str, int]:
-    """Host id and serial of a verified peer certificate chain, parsed once per agent
-    certificate rather than twice per call (the deny list is still checked per call)."""
+def _identity(certificates: tuple[bytes, ...]) -> tuple[str, int, int]:
+    """Host id, serial and expiry (µs) of a verified peer certificate chain, parsed once
+    per agent certificate rather than per call (the deny list is still checked per call)."""
     auth_context = {PEER_CERTIFICATE_KEY: certificates}
-    return peer_host_id(auth_context), peer_certificate_serial(auth_context)
+    host_id, serial = peer_host_id(auth_context), peer_certificate_serial(auth_context)
+    return host_id, serial, certificate_expiry_us(certificates[0])
 
 
 class IngestService(pb_grpc.IngestServicer):
@@ -72,7 +84,9 @@ class IngestService(pb_grpc.IngestServicer):
         self, request: pb.PushRequest, context: Ctx
     ) -> pb.PushResponse:
         try:
-            host_id, serial = _identity(tuple(context.auth_context().get(PEER_CERTIFICATE_KEY, ())))
+            host_id, serial, expires_us = _identity(
+                tuple(context.auth_context().get(PEER_CERTIFICATE_KEY, ()))
+            )
         except SecurityError as exc:
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(exc))
         if serial in self._denied_serials():
@@ -96,7 +110,7 @@ class IngestService(pb_grpc.IngestServicer):
             )
         self._in_flight += count
         try:
-            return await self._push(request, context, host_id, serial)
+            return await self._push(request, context, host_id, serial, expires_us)
         finally:
             self._in_flight -= count
 
@@ -106,46 +120,94 @@ class IngestService(pb_grpc.IngestServicer):
         context: Ctx,
         host_id: str,
         serial: int,
+        expires_us: int = 0,
     ) -> pb.PushResponse:
         now_us = self._clock_us()
-        rejected: dict[str, str] = {}
+        epoch = request.seq_epoch
+        epoch_start = request.seq_epoch_start if request.HasField("seq_epoch_start") else None
+        retired = [(r.first, r.last) for r in request.retired_seqs]
+        problem = check_epoch(epoch, epoch_start, retired)
+        if problem:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
+        config = self._config
+        latest_end = now_us + config.future_tolerance_seconds * 1_000_000
+        earliest_end = now_us - config.max_lateness_days * DAY_US
+        validate = self._validate
+        ids: list[str] = []  # per message, in order: each gets one acknowledgement
+        rejected: dict[int, str] = {}  # message index -> reason
+        repeated: list[int] = []  # message indexes that repeat an earlier record exactly
         valid: list[UsageRecord] = []
-        seen: dict[str, UsageRecord] = {}
-        duplicates_in_batch: set[str] = set()
-        ids: list[str] = []
-        for message in request.records:
+        late: list[UsageRecord] = []  # beyond the maximum lateness (collector.billing)
+        seqs: list[int] = []  # of every message that will be answered for
+        first: dict[str, UsageRecord] = {}
+        for index, message in enumerate(request.records):
             ids.append(message.id)
             try:
-                record = self._validate(message, host_id, now_us)
+                record = validate(message, host_id, latest_end, earliest_end, now_us)
             except RecordError as exc:
-                rejected[message.id] = str(exc)
+                rejected[index] = str(exc)
+                seqs.append(message.seq)
                 continue
-            earlier = seen.get(record.id)
-            if earlier is not None:
-                if earlier != record:
-                    rejected[message.id] = "id repeated in the batch with different contents"
-                else:
-                    duplicates_in_batch.add(record.id)
-                continue
-            seen[record.id] = record
-            valid.append(record)
-        try:
-            outcomes = await self._service().post(valid, now_us) if valid else {}
-        except StoreUnavailable as exc:
-            log.error("batch_failed", host=host_id, records=len(valid), error=str(exc))
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "ledger unavailable; retry later")
+            earlier = first.get(record.id)
+            if earlier is None:
+                first[record.id] = record
+                seqs.append(record.seq)
+                # --- billing: beyond the maximum lateness: quarantined, not rejected ---
+                if record.end_us < earliest_end:
+                    late.append(record)
+                    continue
+                # --- end billing ---------------------------------------------------------
+                valid.append(record)
+            elif earlier == record:
+                repeated.append(index)
+            else:
+                rejected[index] = "id repeated in the batch with different contents"
+                seqs.append(message.seq)
+        marks = seq_marks(host_id, epoch, epoch_start, seqs, retired, now_us)
+        outcomes: dict[str, Outcome] = {}
+        if late:  # --- billing: kept with their reason until an operator releases them ---
+            too_late = (
+                f"window ended more than {config.max_lateness_days} days ago (the maximum"
+                " lateness): quarantined until an operator releases it"
+            )
+            try:
+                outcomes = await quarantine_records(
+                    self._service(), late, dict.fromkeys((r.id for r in late), too_late), now_us
+                )
+            except StoreUnavailable as exc:
+                log.error("batch_failed", host=host_id, records=len(late), error=str(exc))
+                await context.abort(grpc.StatusCode.UNAVAILABLE, "ledger unavailable; retry later")
+        if valid or marks.ranges:
+            try:
+                outcomes |= await self._service().post(valid, now_us, marks)
+            except StoreUnavailable as exc:
+                log.error("batch_failed", host=host_id, records=len(valid), error=str(exc))
+                await context.abort(grpc.StatusCode.UNAVAILABLE, "ledger unavailable; retry later")
+        if marks.new_epoch:
+            log.info("sequence_epoch_started", host=host_id, epoch=epoch, start=epoch_start)
         skew_us = now_us - request.sent_at_us if request.sent_at_us else 0
+        # A send time so absurd that the difference leaves int64 must not fail a call
+        # whose records are already posted: answer the largest skew the reply can carry.
+        skew_us = max(-(2**63), min(skew_us, 2**63 - 1))
         response = pb.PushResponse(clock_skew_us=skew_us)
         ack = response.acks.add  # built in place: no message per ack copied in later
-        for message_id in ids:
-            reason = rejected.get(message_id)
-            if reason is not None:
-                ack(id=message_id, outcome=pb.REJECTED, reason=reason)
-            elif (outcome := outcomes.get(message_id)) is not None:
-                ack(id=message_id, outcome=_OUTCOMES[outcome])
-        for record_id in duplicates_in_batch:
-            ack(id=record_id, outcome=pb.DUPLICATE)
-        accepted = sum(1 for o in outcomes.values() if o is not Outcome.DUPLICATE)
+        if rejected or repeated:
+            for index in repeated:
+                rejected[index] = ""  # answered DUPLICATE below
+            for index, message_id in enumerate(ids):
+                reason = rejected.get(index)
+                if reason is None:
+                    ack(id=message_id, outcome=_OUTCOMES[outcomes[message_id]])
+                elif reason:
+                    ack(id=message_id, outcome=pb.REJECTED, reason=reason)
+                else:
+                    ack(id=message_id, outcome=pb.DUPLICATE)
+        else:
+            for message_id in ids:
+                ack(id=message_id, outcome=_OUTCOMES[outcomes[message_id]])
+        duplicate = sum(1 for o in outcomes.values() if o is Outcome.DUPLICATE)
+        accepted = len(outcomes) - duplicate
+        rejected_count = len(rejected) - len(repeated)
         self._fleet.seen(
             host_id,
             now_us=now_us,
@@ -153,35 +215,42 @@ class IngestService(pb_grpc.IngestServicer):
             backlog=request.backlog_records,
             skew_us=skew_us,
             accepted=accepted,
-            rejected=len(rejected),
+            rejected=rejected_count,
             last_seq=max((r.seq for r in valid), default=0),
             serial=serial,
+            cert_expiry_us=expires_us,
+            dead_letters=request.dead_letters if request.HasField("dead_letters") else None,
         )
         log.info(
             "batch_ingested",
             host=host_id,
-            records=len(request.records),
+            records=len(ids),
             accepted=accepted,
-            duplicate=len(outcomes) - accepted + len(duplicates_in_batch),
-            rejected=len(rejected),
+            duplicate=duplicate + len(repeated),
+            rejected=rejected_count,
+            quarantined=len(late),
             skew_ms=skew_us // 1000,
         )
         return response
 
-    def _validate(self, message: pb.UsageRecord, host_id: str, now_us: int) -> UsageRecord:
+    def _validate(
+        self,
+        message: pb.UsageRecord,
+        host_id: str,
+        latest_end: int,
+        earliest_end: int,
+        now_us: int,
+    ) -> UsageRecord:
         if message.host_id != host_id:
             raise RecordError(
                 f"record names host {message.host_id!r} but the certificate is for {host_id!r}"
             )
         record = from_proto(message)
-        tolerance_us = self._config.future_tolerance_seconds * 1_000_000
-        if record.end_us > now_us + tolerance_us:
+        if record.end_us > latest_end:
             raise RecordError(
                 f"window ends {(record.end_us - now_us) // 1_000_000} s after the collector's"
                 f" clock (tolerance {self._config.future_tolerance_seconds} s)"
             )
-        if record.end_us < now_us - self._config.max_lateness_days * DAY_US:
-            raise RecordError(
-                f"window ended more than {self._config.max_lateness_days} days ago"
-            )
+        if record.seq > MAX_STORED_SEQ:
+            raise RecordError(f"seq {record.seq} is past 2^63-1, the most the ledger stores")
         return record

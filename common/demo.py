@@ -162,7 +162,15 @@ def run_demo(args: argparse.Namespace) -> int:
                               f"see {workdir / 'agent.log'}")
         if _stop(agent) != 0:
             raise MeterdError(f"the agent stopped with status {agent.returncode}")
-        report = _get(f"http://127.0.0.1:{ready['api_port']}/v1/accounts/demo/usage")
+        token = subprocess.run(  # the REST API wants a bearer token: a viewer's will do
+            _meterd("token", "create", "--config", "collector.toml", "--name", "demo",
+                    "--role", "viewer"),
+            cwd=workdir, capture_output=True, text=True, check=False,
+        )
+        if token.returncode != 0:
+            raise MeterdError(f"could not make an API token: {token.stderr.strip()}")
+        report = _get(f"http://127.0.0.1:{ready['api_port']}/v1/accounts/demo/usage",
+                      token.stdout.strip())
         _print_report(report)
         if not report["usage"]:
             raise MeterdError("no usage reached the ledger")
@@ -189,8 +197,11 @@ def _host_id() -> str:
     return (name.strip("-.") or "demo-host")[:63]
 
 
-def _get(url: str) -> dict[str, Any]:
-    with urllib.request.urlopen(url, timeout=10) as response:  # noqa: S310 (loopback)
+def _get(url: str, token: str) -> dict[str, Any]:
+    request = urllib.request.Request(  # noqa: S310 (http://127.0.0.1)
+        url, headers={"Authorization": f"Bearer {token}"}
+    )
+    with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310 (loopback)
         data: dict[str, Any] = json.load(response)
         return data
 

@@ -4,6 +4,13 @@ A record's id is a UUIDv7 fixed when the sample is taken, so every resend of the
 same usage is the same record and the collector can drop duplicates by id.
 Quantities are exact decimals in SI base units (bytes, seconds, byte_seconds).
 Times are UTC, carried as integer microseconds since the Unix epoch.
+
+Validation runs on every construction and is exact: a record is built only if every
+rule holds. The common shapes are checked cheaply (a compiled pattern for the
+canonical UUID text, one for plain decimal text that proves the quantity's range,
+scale and digit count without arithmetic, label sets validated and frozen once per
+distinct set); anything else takes the general path, which gives the same verdict
+and the reason.
 """
 
 from __future__ import annotations
@@ -27,8 +34,25 @@ MAX_LABEL_TEXT = 256
 MAX_QUANTITY_DIGITS = 40
 MAX_QUANTITY = 10**30  # bytes, seconds or byte_seconds in one record: far above any real window
 MAX_QUANTITY_SCALE = 18  # decimal places
+MAX_STORED_SEQ = 2**63 - 1  # the ledgers store sequence numbers as signed 64-bit integers
+
+# The canonical text of a UUID (what ``str(uuid.UUID(x))`` gives): lower-case hex, 8-4-4-4-12.
+_UUID_TEXT = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+# Plain decimal text that every quantity rule accepts: no sign, no exponent, no leading
+# zeros, at most 30 integer digits (below 10^30) and 18 decimal places. Together with
+# a length of at most 41 characters it also has at most 40 significant digits.
+_PLAIN_QUANTITY = re.compile(r"(?:0|[1-9][0-9]{0,29})(?:\.[0-9]{1,18})?")
+_PLAIN_QUANTITY_MAX_LEN = MAX_QUANTITY_DIGITS + 1
+_uuid_text = _UUID_TEXT.fullmatch
+_plain_quantity = _PLAIN_QUANTITY.fullmatch
+
+EMPTY_LABELS: Mapping[str, str] = MappingProxyType({})
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+# Windows end no later than the last microsecond a datetime can hold (year 9999), far
+# inside the int64 the wire carries; seq is the wire's uint64.
+MAX_US = 253_402_300_799_999_999
+MAX_SEQ = 2**64 - 1
 
 
 def to_us(moment: datetime) -> int:
@@ -44,6 +68,132 @@ def from_us(us: int) -> datetime:
     return _EPOCH + timedelta(microseconds=us)
 
 
+def _id_problem(value: object) -> str:
+    try:
+        uuid.UUID(value)  # type: ignore[arg-type]
+    except (ValueError, TypeError, AttributeError):
+        return f"id {value!r} is not a UUID"
+    return f"id {value!r} is not in canonical lower-case UUID form"
+
+
+def _checked_quantity(value: object) -> Decimal:
+    """The general path: any accepted representation, each rule with its reason."""
+    try:
+        quantity = to_decimal(value, "quantity")
+    except MoneyError as exc:
+        raise RecordError(str(exc)) from None
+    if quantity < 0:
+        raise RecordError(f"quantity {value} is negative")
+    if quantity >= MAX_QUANTITY:
+        raise RecordError("quantity is more than 10^30 base units")
+    sign_digits_exponent = quantity.as_tuple()
+    exponent = sign_digits_exponent.exponent
+    if isinstance(exponent, int) and exponent < -MAX_QUANTITY_SCALE:
+        raise RecordError(f"quantity has more than {MAX_QUANTITY_SCALE} decimal places")
+    if len(sign_digits_exponent.digits) > MAX_QUANTITY_DIGITS:
+        raise RecordError(f"quantity has more than {MAX_QUANTITY_DIGITS} digits")
+    return quantity
+
+
+def _frozen_labels(items: tuple[tuple[str, str], ...]) -> Mapping[str, str]:
+    """A validated, read-only label set. A fleet repeats a few label sets, so each is
+    checked and frozen once and the same read-only mapping is shared by its records."""
+    frozen = _FROZEN_LABELS.get(items)
+    if frozen is not None:
+        return frozen
+    if len(items) > MAX_LABELS:
+        raise RecordError(f"more than {MAX_LABELS} labels")
+    for key, value in items:
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise RecordError(f"label {key!r}: keys and values must be text")
+        if not key or len(key) > MAX_LABEL_TEXT or len(value) > MAX_LABEL_TEXT:
+            raise RecordError(f"label {key!r} is empty or longer than {MAX_LABEL_TEXT}")
+    if len(_FROZEN_LABELS) >= _FROZEN_LABELS_MAX:
+        _FROZEN_LABELS.clear()
+    frozen = _FROZEN_LABELS[items] = MappingProxyType(dict(items))
+    return frozen
+
+
+_FROZEN_LABELS: dict[tuple[tuple[str, str], ...], Mapping[str, str]] = {}
+_FROZEN_LABELS_MAX = 4096
+
+
+def _labels(labels: Mapping[str, str]) -> Mapping[str, str]:
+    if not labels:
+        return EMPTY_LABELS
+    # Keys and item lookups, not ``items()``: a protobuf map's ``items()`` is the slow
+    # generic one, and one label (the common case) needs no sort.
+    try:
+        if len(labels) == 1:
+            for key in labels:
+                return _frozen_labels(((key, labels[key]),))
+        return _frozen_labels(tuple(sorted([(key, labels[key]) for key in labels])))
+    except TypeError:  # keys that do not sort, or values that cannot be hashed
+        raise RecordError("labels must map text keys to text values") from None
+
+
+# Host ids and metric names already found valid: a fleet repeats a few of each.
+_VALID_HOSTS: set[str] = set()
+_VALID_METRICS: set[str] = set()
+_VALID_NAMES_MAX = 65_536
+
+
+def _valid(known: set[str], pattern: re.Pattern[str], value: str) -> bool:
+    if not pattern.fullmatch(value):
+        return False
+    if len(known) >= _VALID_NAMES_MAX:
+        known.clear()
+    known.add(value)
+    return True
+
+
+def _checked(
+    record_id: object,
+    host_id: object,
+    metric: object,
+    quantity: object,
+    unit: object,
+    start_us: object,
+    end_us: object,
+    seq: object,
+    labels: Mapping[str, str],
+) -> tuple[Decimal, str, Mapping[str, str]]:
+    """Every rule of a record, in order, with its reason: the quantity as a Decimal, its
+    canonical text when the input already was it (else ""), the frozen labels."""
+    if type(record_id) is not str or not _uuid_text(record_id):
+        raise RecordError(_id_problem(record_id))
+    if not isinstance(host_id, str) or (
+        host_id not in _VALID_HOSTS and not _valid(_VALID_HOSTS, HOST_ID, host_id)
+    ):
+        raise RecordError(f"host_id {host_id!r} is not a valid host id")
+    if not isinstance(metric, str) or (
+        metric not in _VALID_METRICS and not _valid(_VALID_METRICS, METRIC_NAME, metric)
+    ):
+        raise RecordError(f"metric {metric!r} is not a dotted lower-case name")
+    text = ""
+    if (
+        type(quantity) is str
+        and len(quantity) <= _PLAIN_QUANTITY_MAX_LEN
+        and _plain_quantity(quantity)
+    ):
+        value = Decimal(quantity)
+        if "." not in quantity or quantity[-1] != "0":  # already canonical: keep the text
+            text = quantity
+    else:
+        value = _checked_quantity(quantity)
+    if not isinstance(unit, str) or unit not in UNITS:
+        raise RecordError(f"unit {unit!r} is not one of {sorted(UNITS)}")
+    if not isinstance(start_us, int) or not isinstance(end_us, int):
+        raise RecordError("window start and end must be integer microseconds")
+    if start_us < 0 or end_us < start_us:
+        raise RecordError("window end is before its start")
+    if end_us > MAX_US:
+        raise RecordError(f"window end {end_us} lies after the year 9999")
+    if not isinstance(seq, int) or not 0 <= seq <= MAX_SEQ:
+        raise RecordError(f"seq {seq!r} must be an integer from 0 to 2^64-1")
+    return value, text, _labels(labels)
+
+
 @dataclass(frozen=True, slots=True)
 class UsageRecord:
     """A validated usage record. Construction fails with :class:`RecordError`."""
@@ -57,47 +207,17 @@ class UsageRecord:
     end_us: int
     seq: int
     labels: Mapping[str, str] = field(default_factory=dict)
+    # The quantity's canonical text, once it has been needed (or known from the wire).
+    _quantity_text: str = field(default="", init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        try:
-            parsed = uuid.UUID(self.id)
-        except (ValueError, TypeError, AttributeError):
-            raise RecordError(f"id {self.id!r} is not a UUID") from None
-        if str(parsed) != self.id:
-            raise RecordError(f"id {self.id!r} is not in canonical lower-case UUID form")
-        if not isinstance(self.host_id, str) or not HOST_ID.fullmatch(self.host_id):
-            raise RecordError(f"host_id {self.host_id!r} is not a valid host id")
-        if not isinstance(self.metric, str) or not METRIC_NAME.fullmatch(self.metric):
-            raise RecordError(f"metric {self.metric!r} is not a dotted lower-case name")
-        try:
-            quantity = to_decimal(self.quantity, "quantity")
-        except MoneyError as exc:
-            raise RecordError(str(exc)) from None
-        if quantity < 0:
-            raise RecordError(f"quantity {self.quantity} is negative")
-        exponent = quantity.as_tuple().exponent
-        if quantity >= MAX_QUANTITY:
-            raise RecordError("quantity is more than 10^30 base units")
-        if isinstance(exponent, int) and exponent < -MAX_QUANTITY_SCALE:
-            raise RecordError(f"quantity has more than {MAX_QUANTITY_SCALE} decimal places")
-        if len(quantity.as_tuple().digits) > MAX_QUANTITY_DIGITS:
-            raise RecordError(f"quantity has more than {MAX_QUANTITY_DIGITS} digits")
+        quantity, text, labels = _checked(
+            self.id, self.host_id, self.metric, self.quantity, self.unit, self.start_us,
+            self.end_us, self.seq, self.labels,
+        )
         object.__setattr__(self, "quantity", quantity)
-        if self.unit not in UNITS:
-            raise RecordError(f"unit {self.unit!r} is not one of {sorted(UNITS)}")
-        if not isinstance(self.start_us, int) or not isinstance(self.end_us, int):
-            raise RecordError("window start and end must be integer microseconds")
-        if self.start_us < 0 or self.end_us < self.start_us:
-            raise RecordError("window end is before its start")
-        if not isinstance(self.seq, int) or self.seq < 0:
-            raise RecordError(f"seq {self.seq!r} must be a non-negative integer")
-        labels = dict(self.labels)
-        if len(labels) > MAX_LABELS:
-            raise RecordError(f"more than {MAX_LABELS} labels")
-        for key, value in labels.items():
-            if not key or len(key) > MAX_LABEL_TEXT or len(value) > MAX_LABEL_TEXT:
-                raise RecordError(f"label {key!r} is empty or longer than {MAX_LABEL_TEXT}")
-        object.__setattr__(self, "labels", MappingProxyType(dict(sorted(labels.items()))))
+        object.__setattr__(self, "_quantity_text", text)
+        object.__setattr__(self, "labels", labels)
 
     @property
     def start(self) -> datetime:
@@ -109,4 +229,51 @@ class UsageRecord:
 
     @property
     def quantity_text(self) -> str:
-        return canonical_text(self.quantity)
+        text = self._quantity_text
+        if not text:
+            text = canonical_text(self.quantity)
+            object.__setattr__(self, "_quantity_text", text)
+        return text
+
+
+# The record's slots, set directly by :func:`build_record`.
+_SLOTS = tuple(
+    getattr(UsageRecord, name).__set__
+    for name in ("id", "host_id", "metric", "quantity", "unit", "start_us", "end_us", "seq",
+                 "labels", "_quantity_text")
+)
+
+
+def build_record(
+    record_id: str,
+    host_id: str,
+    metric: str,
+    quantity: Decimal | str,
+    unit: str,
+    start_us: int,
+    end_us: int,
+    seq: int,
+    labels: Mapping[str, str],
+) -> UsageRecord:
+    """``UsageRecord(...)`` with the same checks (:func:`_checked`, so the same verdict
+    and reason), assembled without the dataclass constructor's per-field detour: what
+    the ingest path builds a record from the wire with."""
+    value, text, frozen = _checked(
+        record_id, host_id, metric, quantity, unit, start_us, end_us, seq, labels
+    )
+    record = _new(UsageRecord)
+    s_id, s_host, s_metric, s_quantity, s_unit, s_start, s_end, s_seq, s_labels, s_text = _SLOTS
+    s_id(record, record_id)
+    s_host(record, host_id)
+    s_metric(record, metric)
+    s_quantity(record, value)
+    s_unit(record, unit)
+    s_start(record, start_us)
+    s_end(record, end_us)
+    s_seq(record, seq)
+    s_labels(record, frozen)
+    s_text(record, text)
+    return record
+
+
+_new = object.__new__

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from common.errors import RecordError
 from common.proto import meterd_pb2 as pb
-from common.records import UsageRecord
+from common.records import UsageRecord, build_record
 
 
 def to_proto(record: UsageRecord) -> pb.UsageRecord:
@@ -22,17 +22,23 @@ def to_proto(record: UsageRecord) -> pb.UsageRecord:
 
 
 def from_proto(message: pb.UsageRecord) -> UsageRecord:
-    """A validated record, or :class:`RecordError` with the reason."""
-    if not message.quantity:
+    """A validated record, or :class:`RecordError` with the reason.
+
+    Each field is read from the message once and checked once, by the record's own
+    rules (:func:`common.records.build_record`); the label map is handed over as it is
+    (a sorted, frozen copy is kept).
+    """
+    quantity = message.quantity
+    if not quantity:
         raise RecordError("quantity is missing")
-    return UsageRecord(
-        id=message.id,
-        host_id=message.host_id,
-        metric=message.metric,
-        quantity=message.quantity,  # type: ignore[arg-type]  # validated as decimal text
-        unit=message.unit,
-        start_us=message.start_us,
-        end_us=message.end_us,
-        seq=message.seq,
-        labels=dict(message.labels),
+    return build_record(
+        message.id,
+        message.host_id,
+        message.metric,
+        quantity,
+        message.unit,
+        message.start_us,
+        message.end_us,
+        message.seq,
+        message.labels,
     )

@@ -6,6 +6,8 @@ it, kill it with SIGKILL and restart it on the same ledger.
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import json
 import os
 import shutil
@@ -72,6 +74,7 @@ class CollectorProcess:
         self.grpc_port = 0
         self.api_port = 0
         self.log = self.workdir / "collector.log"
+        self._api_token = ""
 
     def start(self, timeout: float = 30) -> CollectorProcess:
         ready = self.workdir / "ready.json"
@@ -121,8 +124,18 @@ class CollectorProcess:
             self.proc.wait(30)
 
     def get(self, path: str) -> Any:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.api_port}{path}", timeout=10) as r:
+        """GET an API path with an admin token (made on first use, kept for restarts)."""
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{self.api_port}{path}",
+            headers={"Authorization": f"Bearer {self.api_token()}"},
+        )
+        with urllib.request.urlopen(request, timeout=10) as r:  # noqa: S310 (http://127.0.0.1)
             return json.load(r)
+
+    def api_token(self) -> str:
+        if not self._api_token:
+            self._api_token = make_api_token(self.config, role="admin")
+        return self._api_token
 
     def __enter__(self) -> CollectorProcess:
         return self.start()
@@ -142,3 +155,28 @@ def meterd(
     return subprocess.run(
         [exe, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, check=False
     )
+
+
+def make_api_token(config: Path, *, role: str | None = "admin", scopes: tuple[str, ...] = (),
+                   name: str = "tests") -> str:
+    """An API token made straight in the control shard of ``config``'s ledger, as
+    ``meterd token create`` does (in a thread: callers may be inside an event loop)."""
+    from collector.api.auth import create_token
+    from collector.api.registry import Role
+    from collector.audit import now_us
+    from collector.config import load_collector_config
+    from collector.token_cli import open_control
+
+    async def create() -> str:
+        store = await open_control(load_collector_config(config))
+        try:
+            _, secret = await create_token(
+                store, name=name, role=Role.parse(role) if role else None, scopes=scopes,
+                actor="cli:tests", now_us=now_us(),
+            )
+        finally:
+            await store.close()
+        return secret
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, create()).result()

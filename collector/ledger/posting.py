@@ -9,20 +9,24 @@ so however usage is split into batches, the postings of a period add up exactly 
 the rounded amount of the period's total, with no residue to chase: this is the one
 place where usage amounts are rounded (half-even to the currency's minor unit).
 
+The period of a counter is the account's billing period that holds the record's
+window start, computed in the account's time zone and on its cycle
+(:mod:`collector.billing.periods`).
+
 Prices aggregated by ``max``, ``last_during_period`` or ``p95`` cannot be rated
-piecewise; they are rated when the period closes.
+piecewise; they are rated when the period closes (:mod:`collector.billing.compose`).
 """
 
 from __future__ import annotations
 
-import functools
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from decimal import Decimal
 from typing import Protocol
 
+from collector.billing.periods import MONTHLY_UTC, Cycle
 from collector.ledger.journal import (
     RECEIVABLE,
     JournalEntry,
@@ -34,23 +38,23 @@ from collector.ledger.store import ZERO_COUNTER, Counter, CounterKey
 from collector.rating.engine import billing_quantity, rated_amount
 from collector.rating.tariff import Price
 from common.money import CONTEXT
-from common.records import UsageRecord, from_us, to_us
+from common.records import UsageRecord
 
 
 class PriceSource(Protocol):
     def prices_for(self, account_id: str, metric: str, at: datetime) -> Sequence[Price]:
         """The metered, summed prices that rate ``metric`` for the account at ``at``."""
 
+    def metered_prices_for(self, account_id: str, metric: str, at: datetime) -> Sequence[Price]:
+        """Every metered price (any aggregation) that rates ``metric`` for the account."""
 
-@functools.lru_cache(maxsize=4096)
-def period_start_us(start_us: int) -> int:
-    """Start of the billing period holding ``start_us``: the calendar month in UTC.
+    def billing_cycle(self, account_id: str) -> Cycle:
+        """The account's billing cycle: its periods key the running counters."""
 
-    Accounts with their own time zone and anchor day get their periods from the
-    billing module; the running counters only need a stable key per period.
-    """
-    moment = from_us(start_us)
-    return to_us(datetime(moment.year, moment.month, 1, tzinfo=UTC))
+
+def period_start_us(start_us: int, cycle: Cycle = MONTHLY_UTC) -> int:
+    """Start of the billing period of ``cycle`` that holds ``start_us``."""
+    return cycle.period_start(start_us)
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,7 +79,7 @@ class _AccountPrices:
         key = (record.metric, record.start_us)
         found = self._memo.get(key)
         if found is None:
-            period = period_start_us(record.start_us)
+            period = period_start_us(record.start_us, self._prices.billing_cycle(self._account_id))
             found = self._memo[key] = [
                 (price, CounterKey(self._account_id, price.id, period))
                 for price in self._prices.prices_for(self._account_id, record.metric,

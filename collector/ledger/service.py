@@ -16,14 +16,20 @@ from __future__ import annotations
 import asyncio
 import enum
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from decimal import Decimal
 
+from collector.billing.attribution import attribute_usage
+from collector.ledger.journal import RECEIVABLE, ChainLink, JournalEntry
+from collector.ledger.outbox import BALANCE_THRESHOLD_CROSSED
 from collector.ledger.posting import PriceSource, counter_keys, rate_usage
 from collector.ledger.sharding import ShardMap
-from collector.ledger.store import LedgerStore
+from collector.ledger.store import LedgerStore, LedgerTx, SeqMarks
+from collector.ledger.thresholds import BalanceThresholds, crossing_events
 from collector.routing import Router
 from common.ids import new_id
+from common.money import CONTEXT
 from common.records import UsageRecord
 
 
@@ -52,19 +58,41 @@ class ShardedLedger:
         subscriptions): the first shard, or the embedded SQLite file."""
         return self.stores[0]
 
+    # --- outbox ---------------------------------------------------------------------------
+    def for_event(self, account_id: str) -> LedgerStore:
+        """The store whose outbox takes an event: the account's shard, or the control
+        shard for an event that belongs to no account (``account_id == ""``)."""
+        return self.for_account(account_id) if account_id else self.control
+
+    # --- end outbox -----------------------------------------------------------------------
+
     async def close(self) -> None:
         for store in self.stores:
             await store.close()
 
 
 class LedgerService:
-    def __init__(self, ledger: ShardedLedger, router: Router, prices: PriceSource) -> None:
+    def __init__(
+        self,
+        ledger: ShardedLedger,
+        router: Router,
+        prices: PriceSource,
+        thresholds: Mapping[str, BalanceThresholds] | None = None,
+    ) -> None:
         self.ledger = ledger
         self.router = router
         self.prices = prices
+        self.thresholds = dict(thresholds or {})  # receivable balance thresholds by account
 
-    async def post(self, records: Sequence[UsageRecord], now_us: int) -> dict[str, Outcome]:
-        """Post validated, unique-id records; the outcome of each by id."""
+    async def post(
+        self, records: Sequence[UsageRecord], now_us: int, marks: SeqMarks | None = None
+    ) -> dict[str, Outcome]:
+        """Post validated, unique-id records; the outcome of each by id.
+
+        ``marks`` (the seqs the call accounts for, see :mod:`collector.sequences`) are
+        written in the transaction of the host's shard when that is the only shard
+        posted to, otherwise in a transaction of their own once every shard committed.
+        """
         by_store: dict[int, dict[str, list[UsageRecord]]] = defaultdict(lambda: defaultdict(list))
         held: dict[int, list[UsageRecord]] = defaultdict(list)
         index = {id(s): i for i, s in enumerate(self.ledger.stores)}
@@ -85,9 +113,22 @@ class LedgerService:
                     shard = account_shard[account] = index[id(self.ledger.for_account(account))]
                 by_store[shard][account].append(record)
         shards = sorted(set(by_store) | set(held))
+        along = -1  # the shard whose transaction also writes ``marks``
+        if marks is not None and marks.ranges:
+            home = index[id(self.ledger.for_host(marks.host_id))]
+            if set(shards) <= {home}:
+                shards, along = [home], home
         results = await asyncio.gather(
-            *(self._post_shard(s, by_store.get(s, {}), held.get(s, []), now_us) for s in shards)
+            *(
+                self._post_shard(
+                    s, by_store.get(s, {}), held.get(s, []), now_us, marks if s == along else None
+                )
+                for s in shards
+            )
         )
+        if marks is not None and marks.ranges and along < 0:
+            async with self.ledger.for_host(marks.host_id).transaction() as tx:
+                marks.new_epoch = await tx.account_seqs(marks)
         outcomes: dict[str, Outcome] = {}
         for part in results:
             outcomes.update(part)
@@ -99,6 +140,7 @@ class LedgerService:
         accounts: dict[str, list[UsageRecord]],
         held: list[UsageRecord],
         now_us: int,
+        marks: SeqMarks | None = None,
     ) -> dict[str, Outcome]:
         store = self.ledger.stores[shard]
         outcomes: dict[str, Outcome] = {}
@@ -124,11 +166,50 @@ class LedgerService:
                 )
                 await tx.save_counters(rated.counters)
                 await tx.append_entry(rated.entry)
+                await self._emit_threshold_crossings(tx, rated.entry)
+                # --- billing: which period's invoice carries each increment; late usage ---
+                await attribute_usage(
+                    tx, self.prices, account_id=account_id, entry_id=entry_id, priced=keys,
+                    before=counters, after=rated.counters, records=new, now_us=now_us,
+                )
+                # --- end billing ---------------------------------------------------------
             if held:
                 new_held = await tx.hold(held, now_us)
                 for r in held:
                     outcomes[r.id] = Outcome.HELD if r.id in new_held else Outcome.DUPLICATE
+            if marks is not None:
+                marks.new_epoch = await tx.account_seqs(marks)
         return outcomes
+
+    # --- outbox: balance.threshold_crossed -------------------------------------------------
+    async def append_entry(self, tx: LedgerTx, entry: JournalEntry) -> ChainLink:
+        """Append an entry that is not usage (an invoice's, a rounding difference's, a
+        credit note's) and emit the balance thresholds it crossed, in ``tx``: every
+        entry that moves a receivable is checked, not only usage."""
+        link = await tx.append_entry(entry)
+        await self._emit_threshold_crossings(tx, entry)
+        return link
+
+    async def _emit_threshold_crossings(self, tx: LedgerTx, entry: JournalEntry) -> None:
+        """One ``balance.threshold_crossed`` event per threshold of the account that this
+        entry moved its receivable balance across, in the entry's transaction. The
+        account's chain head is locked by the entry, so ``before`` and ``after`` are
+        exact even with several collectors posting at once."""
+        limits = self.thresholds.get(entry.account_id)
+        if limits is None:
+            return
+        delta = Decimal(0)
+        for p in entry.postings:
+            if p.ledger_account == RECEIVABLE and p.currency == limits.currency:
+                delta = CONTEXT.add(delta, p.amount)
+        if not delta:
+            return
+        after = await tx.balance(entry.account_id, RECEIVABLE, limits.currency)
+        before = CONTEXT.subtract(after, delta)
+        for data in crossing_events(limits, before, after, entry.id):
+            await tx.emit(BALANCE_THRESHOLD_CROSSED, entry.account_id, data)
+
+    # --- end outbox -------------------------------------------------------------------------
 
     async def release_held(self, now_us: int) -> int:
         """Post every held record that an assignment now covers; the number posted."""

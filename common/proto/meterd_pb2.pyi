@@ -48,16 +48,32 @@ class UsageRecord(_message.Message):
     def __init__(self, id: _Optional[str] = ..., host_id: _Optional[str] = ..., metric: _Optional[str] = ..., quantity: _Optional[str] = ..., unit: _Optional[str] = ..., start_us: _Optional[int] = ..., end_us: _Optional[int] = ..., seq: _Optional[int] = ..., labels: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class PushRequest(_message.Message):
-    __slots__ = ("records", "agent_version", "sent_at_us", "backlog_records")
+    __slots__ = ("records", "agent_version", "sent_at_us", "backlog_records", "dead_letters", "seq_epoch", "seq_epoch_start", "retired_seqs")
     RECORDS_FIELD_NUMBER: _ClassVar[int]
     AGENT_VERSION_FIELD_NUMBER: _ClassVar[int]
     SENT_AT_US_FIELD_NUMBER: _ClassVar[int]
     BACKLOG_RECORDS_FIELD_NUMBER: _ClassVar[int]
+    DEAD_LETTERS_FIELD_NUMBER: _ClassVar[int]
+    SEQ_EPOCH_FIELD_NUMBER: _ClassVar[int]
+    SEQ_EPOCH_START_FIELD_NUMBER: _ClassVar[int]
+    RETIRED_SEQS_FIELD_NUMBER: _ClassVar[int]
     records: _containers.RepeatedCompositeFieldContainer[UsageRecord]
     agent_version: str
     sent_at_us: int
     backlog_records: int
-    def __init__(self, records: _Optional[_Iterable[_Union[UsageRecord, _Mapping]]] = ..., agent_version: _Optional[str] = ..., sent_at_us: _Optional[int] = ..., backlog_records: _Optional[int] = ...) -> None: ...
+    dead_letters: int
+    seq_epoch: str
+    seq_epoch_start: int
+    retired_seqs: _containers.RepeatedCompositeFieldContainer[SeqRange]
+    def __init__(self, records: _Optional[_Iterable[_Union[UsageRecord, _Mapping]]] = ..., agent_version: _Optional[str] = ..., sent_at_us: _Optional[int] = ..., backlog_records: _Optional[int] = ..., dead_letters: _Optional[int] = ..., seq_epoch: _Optional[str] = ..., seq_epoch_start: _Optional[int] = ..., retired_seqs: _Optional[_Iterable[_Union[SeqRange, _Mapping]]] = ...) -> None: ...
+
+class SeqRange(_message.Message):
+    __slots__ = ("first", "last")
+    FIRST_FIELD_NUMBER: _ClassVar[int]
+    LAST_FIELD_NUMBER: _ClassVar[int]
+    first: int
+    last: int
+    def __init__(self, first: _Optional[int] = ..., last: _Optional[int] = ...) -> None: ...
 
 class RecordAck(_message.Message):
     __slots__ = ("id", "outcome", "reason")

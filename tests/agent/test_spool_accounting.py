@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from agent.spool import ROW_OVERHEAD, Spool, record_size
 from common.ids import new_id
-from common.records import MAX_LABEL_TEXT, UsageRecord
+from common.records import MAX_LABEL_TEXT, MAX_US, UsageRecord
 from common.wire import to_proto
 
 T0_US = 1_700_000_000_000_000
@@ -20,8 +20,8 @@ label_text = st.text(st.characters(blacklist_categories=("Cs",)), max_size=MAX_L
 
 @given(
     quantity=st.decimals(min_value=0, max_value=10**29 - 1, places=6, allow_nan=False),
-    start_us=st.integers(min_value=0, max_value=2**62),
-    length_us=st.integers(min_value=0, max_value=2**62),
+    start_us=st.integers(min_value=0, max_value=MAX_US // 2),
+    length_us=st.integers(min_value=0, max_value=MAX_US // 2),
     seq=st.integers(min_value=0, max_value=2**64 - 1),
     host=st.sampled_from(["h", "host-a", "x" * 128]),
     metric=st.sampled_from(["net.rx_bytes", "a.b", "disk.used_byte_seconds" + ".x" * 80]),

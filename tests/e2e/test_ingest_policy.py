@@ -15,6 +15,7 @@ from collector.config import IngestConfig
 from collector.fleet import Fleet
 from collector.ingest import IngestService
 from collector.ledger.service import Outcome
+from collector.ledger.store import SeqMarks
 from common.pki import certificate_serial
 from common.proto import meterd_pb2 as pb
 from common.proto import meterd_pb2_grpc as pb_grpc
@@ -71,7 +72,9 @@ class BlockingLedger:
         self.release = asyncio.Event()
         self.entered = asyncio.Event()
 
-    async def post(self, records: Sequence[UsageRecord], now_us: int) -> dict[str, Outcome]:
+    async def post(
+        self, records: Sequence[UsageRecord], now_us: int, marks: SeqMarks | None = None
+    ) -> dict[str, Outcome]:
         self.entered.set()
         await self.release.wait()
         return {r.id: Outcome.ACCEPTED for r in records}

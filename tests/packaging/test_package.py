@@ -114,6 +114,14 @@ def test_layout(package: Package) -> None:
     assert leftovers == []
 
 
+def test_dashboard_assets_are_packaged(package: Package) -> None:
+    site = next((package.tree / "opt/meterd/lib").glob("python3.*/site-packages"))
+    shipped = {p.name for p in (site / "collector/api/ui").iterdir() if p.is_file()}
+    source = {p.name for p in (ROOT / "collector/api/ui").iterdir()
+              if p.suffix in {".html", ".js", ".css", ".py"}}
+    assert source <= shipped, sorted(source - shipped)
+
+
 def test_copyright_names_every_bundled_distribution(package: Package) -> None:
     text = (package.tree / "usr/share/doc/meterd/copyright").read_text()
     site = next((package.tree / "opt/meterd/lib").glob("python3.*/site-packages"))
