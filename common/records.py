@@ -76,13 +76,27 @@ def _id_problem(value: object) -> str:
     return f"id {value!r} is not in canonical lower-case UUID form"
 
 
+# Decimal text as the wire defines it: ASCII digits, an optional point, an optional
+# minus (refused as negative with its own reason). No exponent, no spaces, no "+", no
+# leading zeros, no underscores, no digits of other scripts: Decimal() would take all
+# of those, and a quantity must read the same to every client that parses it.
+_DECIMAL_TEXT = re.compile(r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?", re.ASCII)
+# Label text may hold anything printable; control characters (U+0000 above all, which
+# PostgreSQL cannot store) never come from a cgroup path or an interface name.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
 def _checked_quantity(value: object) -> Decimal:
     """The general path: any accepted representation, each rule with its reason."""
+    if isinstance(value, str) and not _DECIMAL_TEXT.fullmatch(value):
+        raise RecordError(
+            f"quantity {value[:64]!r} is not decimal text (ASCII digits and an optional point)"
+        )
     try:
         quantity = to_decimal(value, "quantity")
     except MoneyError as exc:
         raise RecordError(str(exc)) from None
-    if quantity < 0:
+    if quantity.is_signed():
         raise RecordError(f"quantity {value} is negative")
     if quantity >= MAX_QUANTITY:
         raise RecordError("quantity is more than 10^30 base units")
@@ -108,6 +122,8 @@ def _frozen_labels(items: tuple[tuple[str, str], ...]) -> Mapping[str, str]:
             raise RecordError(f"label {key!r}: keys and values must be text")
         if not key or len(key) > MAX_LABEL_TEXT or len(value) > MAX_LABEL_TEXT:
             raise RecordError(f"label {key!r} is empty or longer than {MAX_LABEL_TEXT}")
+        if _CONTROL.search(key) or _CONTROL.search(value):
+            raise RecordError(f"label {key!r} holds a control character")
     if len(_FROZEN_LABELS) >= _FROZEN_LABELS_MAX:
         _FROZEN_LABELS.clear()
     frozen = _FROZEN_LABELS[items] = MappingProxyType(dict(items))

@@ -60,15 +60,23 @@ def test_build_record_and_the_constructor_agree(
 
 @given(quantities)
 def test_quantity_text_is_accepted_as_the_general_rules_say(text: str) -> None:
+    """Plain ASCII decimal text (no sign, exponent, spaces or leading zeros) within the
+    magnitude, scale and digit bounds; anything else is refused with a reason."""
     reason, record = outcome(build_record, ID, "h", "a.b", text, "bytes", 0, 0, 0, {})
     try:
         value = to_decimal(text)
     except Exception:  # noqa: BLE001 (any refusal)
         assert reason
         return
+    integer, point, fraction = text.partition(".")
+    plain = (
+        integer.isascii() and integer.isdigit() and (integer == "0" or integer[0] != "0")
+        and (not point or (fraction.isascii() and fraction.isdigit()))
+    )
     exponent = value.as_tuple().exponent
     fits = (
-        0 <= value < 10**30
+        plain
+        and 0 <= value < 10**30
         and isinstance(exponent, int)
         and exponent >= -18
         and len(value.as_tuple().digits) <= 40

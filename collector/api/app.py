@@ -91,6 +91,14 @@ _INVALID_TOKEN = {"WWW-Authenticate": 'Bearer realm="meterd", error="invalid_tok
 @web.middleware
 async def problems(request: web.Request, handler: Callable[..., object]) -> web.StreamResponse:
     """Every error as a problem document, in this one place."""
+    announced = request.content_length
+    if announced is not None and announced > MAX_BODY_BYTES:
+        # Refused from the header: never wait for a body that is too large anyway.
+        return problem_response(
+            ProblemType.PAYLOAD_TOO_LARGE,
+            f"the body announces {announced} bytes; the limit is {MAX_BODY_BYTES}",
+            instance=request.path,
+        )
     try:
         response: web.StreamResponse = await handler(request)  # type: ignore[misc]
         return response
@@ -110,6 +118,10 @@ async def problems(request: web.Request, handler: Callable[..., object]) -> web.
     except MeterdError as exc:
         log.error("api_error", path=request.path, error=str(exc))
         return problem_response(ProblemType.INTERNAL, str(exc), instance=request.path)
+    except ConnectionResetError:
+        # The client went away mid-request: there is no one left to answer.
+        log.info("api_client_gone", method=request.method, path=request.path)
+        raise
     except Exception:  # the API's edge: a bug still answers problem+json
         log.exception("api_internal_error", method=request.method, path=request.path)
         return problem_response(ProblemType.INTERNAL, instance=request.path)

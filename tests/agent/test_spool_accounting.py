@@ -15,7 +15,7 @@ from common.wire import to_proto
 
 T0_US = 1_700_000_000_000_000
 
-label_text = st.text(st.characters(blacklist_categories=("Cs",)), max_size=MAX_LABEL_TEXT)
+label_text = st.text(st.characters(blacklist_categories=("Cs", "Cc")), max_size=MAX_LABEL_TEXT)
 
 
 @given(

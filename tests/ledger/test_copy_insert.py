@@ -77,9 +77,10 @@ async def test_two_collectors_racing_with_large_batches_post_each_record_once(
 
 
 async def test_text_that_copy_escapes_is_stored_exactly(pg_databases: Databases) -> None:
-    """Tabs, newlines and backslashes in an account id and in labels survive the COPY."""
+    """Tabs, newlines and backslashes in an account id, and backslash sequences and quotes
+    in labels (which refuse control characters), survive the COPY."""
     account = "odd\taccount\\with\nbreaks"
-    labels = {"path": 'C:\\disk\t"1"\n', "ünï": "cödé"}
+    labels = {"path": 'C:\\disk\\t"1"\\n\\\\', "ünï": "cödé"}
     store = await PostgresLedger.open(await pg_databases.create())
     try:
         svc = service([store], router(Assignment("host-q", account)))
