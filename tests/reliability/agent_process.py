@@ -9,13 +9,16 @@ raw values differs: a :class:`~agent.sampler.FixedSource` whose counters are set
 each cycle, from a JSON file that the test process advances (it plays the kernel).
 Usage sampled is then exactly the counters' advance, which the test knows.
 
-Two observation hooks, neither changing behaviour:
+Observation hooks, none changing behaviour:
 
 - every id the collector acknowledged is appended to ``--ack-log`` (one per line)
   before the spool deletes it, so the test can check that nothing acknowledged is
   missing from the ledger;
 - ``--spool-max-bytes`` sets the spool bound below the configuration's 1 MiB floor,
   so a test can fill the spool in seconds;
+- ``--batch-log`` appends every batch the shipper takes from the spool, as the
+  base64 of a serialized ``PushRequest`` (one line, one write), so a test can deliver
+  the very same batches again (a duplicate storm);
 - ``--read-seconds`` makes each read of the source take that long (a slow source:
   NVML, thousands of cgroups), so a signal can land in the middle of a sample.
 
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import inspect
 import json
 import os
@@ -44,7 +48,10 @@ from agent.sampler import FixedSource, Sampler
 from agent.spool import Spool
 from common import logs
 from common.pki import check_private_key_file, host_id_from_certificate
+from common.proto import meterd_pb2 as pb
+from common.records import UsageRecord
 from common.tls import restrict_grpc_to_tls13
+from common.wire import to_proto
 
 
 class CounterFileSource:
@@ -74,11 +81,25 @@ class CounterFileSource:
 
 
 class AckLoggingSpool(Spool):
-    """The real spool, plus an append-only log of acknowledged ids."""
+    """The real spool, plus an append-only log of acknowledged ids (and, optionally, of
+    the batches handed to the shipper)."""
 
-    def __init__(self, path: Path, *, ack_log: Path, **options: Any) -> None:
+    def __init__(
+        self, path: Path, *, ack_log: Path, batch_log: Path | None = None, **options: Any
+    ) -> None:
         super().__init__(path, **options)
         self._ack_fd = os.open(ack_log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        self._batch_fd = (
+            -1 if batch_log is None
+            else os.open(batch_log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        )
+
+    def next_batch(self, max_records: int, max_bytes: int) -> list[UsageRecord]:
+        batch = super().next_batch(max_records, max_bytes)
+        if batch and self._batch_fd >= 0:
+            request = pb.PushRequest(records=[to_proto(r) for r in batch])
+            os.write(self._batch_fd, base64.b64encode(request.SerializeToString()) + b"\n")
+        return batch
 
     def acknowledge(self, ids: Iterable[str]) -> int:
         wanted = list(ids)
@@ -89,9 +110,10 @@ class AckLoggingSpool(Spool):
 
     def close(self) -> None:
         super().close()
-        if self._ack_fd >= 0:
-            os.close(self._ack_fd)
-            self._ack_fd = -1
+        for fd in (self._ack_fd, self._batch_fd):
+            if fd >= 0:
+                os.close(fd)
+        self._ack_fd = self._batch_fd = -1
 
 
 async def run(
@@ -100,6 +122,7 @@ async def run(
     ack_log: Path,
     max_bytes: int | None = None,
     read_seconds: float = 0.0,
+    batch_log: Path | None = None,
 ) -> int:
     """:func:`agent.daemon.run`, with the counter-file source instead of psutil."""
     restrict_grpc_to_tls13()
@@ -110,7 +133,7 @@ async def run(
     spool_path = cfg.path(cfg.raw.spool_path)
     spool_path.parent.mkdir(parents=True, exist_ok=True)
     spool = await asyncio.to_thread(
-        AckLoggingSpool, spool_path, ack_log=ack_log,
+        AckLoggingSpool, spool_path, ack_log=ack_log, batch_log=batch_log,
         max_bytes=max_bytes if max_bytes is not None else cfg.raw.spool_max_bytes,
     )
     try:
@@ -151,10 +174,12 @@ def main() -> int:
     parser.add_argument("--ack-log", type=Path, required=True)
     parser.add_argument("--spool-max-bytes", type=int, default=None)
     parser.add_argument("--read-seconds", type=float, default=0.0)
+    parser.add_argument("--batch-log", type=Path, default=None)
     args = parser.parse_args()
     logs.configure("info")
     return asyncio.run(
-        run(args.config, args.counters, args.ack_log, args.spool_max_bytes, args.read_seconds)
+        run(args.config, args.counters, args.ack_log, args.spool_max_bytes, args.read_seconds,
+            args.batch_log)
     )
 
 

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+import pytest
 
 from tests.harness import ROOT
 from tests.ledger.helpers import TARIFF
@@ -172,6 +173,8 @@ def collector_config(
     *,
     assignments: Mapping[str, str],
     shards: Sequence[str] = (),
+    tls_extra: str = "",
+    ingest_extra: str = "",
 ) -> Path:
     """A collector config listening for gRPC on a fixed ``port`` (agents keep their
     address across restarts); SQLite ledger unless PostgreSQL ``shards`` are given."""
@@ -189,9 +192,11 @@ def collector_config(
 cert = "{pki}/servers/localhost.pem"
 key = "{pki}/servers/localhost.key"
 ca = "{pki}/ca.pem"
+{tls_extra}
 
 [ingest]
 listen = "127.0.0.1:{port}"
+{ingest_extra}
 
 [api]
 listen = "127.0.0.1:0"
@@ -212,6 +217,35 @@ currency = "eur"
     return path
 
 
+# -- a clock that is off: libfaketime ----------------------------------------------------
+
+IN_CI = os.environ.get("CI", "").lower() == "true"
+
+
+def faketime_library() -> Path | None:
+    """Debian's libfaketime (package ``faketime``), multi-threaded flavour."""
+    for pattern in ("usr/lib/*/faketime/libfaketimeMT.so.1", "usr/lib/faketime/libfaketimeMT.so.1"):
+        for found in sorted(Path("/").glob(pattern)):
+            return found
+    return None
+
+
+def faketime_env(offset: str) -> dict[str, str]:
+    """Environment that runs a process with its wall clock moved by ``offset``
+    (libfaketime syntax: ``+3h``, ``-2d``). The monotonic clock is left alone, as an
+    NTP-less host's would be: only the time of day is wrong."""
+    library = faketime_library()
+    if library is None:
+        if IN_CI:
+            pytest.fail("libfaketime is required under CI (apt-get install faketime)")
+        pytest.skip("libfaketime not installed (apt-get install faketime)")
+    return {
+        "LD_PRELOAD": str(library),
+        "FAKETIME": offset,
+        "FAKETIME_DONT_FAKE_MONOTONIC": "1",
+    }
+
+
 # -- agents ----------------------------------------------------------------------------
 
 
@@ -225,8 +259,21 @@ class SpoolView:
     produced: int  # records the sampler has made so far (its next seq)
 
 
+@dataclass(frozen=True)
+class DeadLetterRow:
+    id: str
+    key: Key
+    quantity: Decimal
+    reason: str
+
+
 class AgentProcess:
-    """One agent (``agent_process.py``) for one host, in its own folder."""
+    """One agent (``agent_process.py``) for one host, in its own folder.
+
+    It samples every ``interval`` seconds and ships after every sample (``[shipping]
+    interval_seconds = 0``; a real agent waits a minute or for a full batch), so every
+    fault lands among calls in flight.
+    """
 
     def __init__(
         self,
@@ -240,9 +287,14 @@ class AgentProcess:
         batch_max_records: int = 20,
         spool_max_bytes: int | None = None,
         read_seconds: float = 0.0,
+        interval: str = "0.1",
+        deadline: str = "5",
+        env: Mapping[str, str] | None = None,
+        batch_log: bool = False,
     ) -> None:
         self.host = host
         self.read_seconds = read_seconds
+        self.env = dict(env or {})
         self.dir = workdir / host
         self.dir.mkdir(parents=True, exist_ok=True)
         self.counters = HostCounters(self.dir / "counters.json", host, rng, interfaces)
@@ -250,11 +302,12 @@ class AgentProcess:
         self.spool = self.dir / "spool.db"
         self.ack_log = self.dir / "acks.log"
         self.log = self.dir / "agent.log"
+        self.batch_log = self.dir / "batches.log" if batch_log else None
         self.spool_max_bytes = spool_max_bytes
         self.proc: subprocess.Popen[bytes] | None = None
         self._starts_before = 0
         self.config.write_text(f"""collector = "127.0.0.1:{port}"
-interval_seconds = "0.1"
+interval_seconds = "{interval}"
 spool_path = "spool.db"
 
 [tls]
@@ -263,8 +316,9 @@ key = "{pki}/agents/{host}.key"
 ca = "{pki}/ca.pem"
 
 [shipping]
+interval_seconds = "0"
 batch_max_records = {batch_max_records}
-deadline_seconds = "5"
+deadline_seconds = "{deadline}"
 backoff_initial_seconds = "0.05"
 backoff_max_seconds = "0.5"
 final_flush_seconds = "10"
@@ -290,10 +344,12 @@ enabled = ["cpu.seconds", "net.tx_bytes"]
             args += ["--spool-max-bytes", str(self.spool_max_bytes)]
         if self.read_seconds:
             args += ["--read-seconds", str(self.read_seconds)]
+        if self.batch_log is not None:
+            args += ["--batch-log", str(self.batch_log)]
         with self.log.open("ab") as log:
             self.proc = subprocess.Popen(
                 args, cwd=ROOT, stdout=log, stderr=log,
-                env={**os.environ, "PYTHONPATH": str(ROOT)},
+                env={**os.environ, "PYTHONPATH": str(ROOT), **self.env},
             )
         self._starts_before = before
         if wait_ready:
@@ -372,6 +428,35 @@ enabled = ["cpu.seconds", "net.tx_bytes"]
         """Exited, or has sampled the final values and shipped everything."""
         return not self.running or (self.sampled_final() and self.view().records == 0)
 
+    def dead_letters(self) -> list[DeadLetterRow]:
+        """The records the collector rejected, with their reasons (the spool's table)."""
+        if not self.spool.exists():
+            return []
+        db = sqlite3.connect(self.spool, timeout=30)
+        try:
+            rows = db.execute(
+                "SELECT id, metric, labels, quantity, reason FROM dead_letters"
+            ).fetchall()
+        except sqlite3.OperationalError:  # the agent has not created its tables yet
+            return []
+        finally:
+            db.close()
+        return [DeadLetterRow(r[0], (self.host, r[1], canonical_labels(r[2])), Decimal(r[3]),
+                              r[4]) for r in rows]
+
+    def meta(self, key: str) -> str | None:
+        """A value the agent keeps for its status (``clock_skew_us``, ``last_error``)."""
+        if not self.spool.exists():
+            return None
+        db = sqlite3.connect(self.spool, timeout=30)
+        try:
+            row = db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        except sqlite3.OperationalError:
+            return None
+        finally:
+            db.close()
+        return None if row is None else str(row[0])
+
     def acked(self) -> set[str]:
         if not self.ack_log.exists():
             return set()
@@ -395,19 +480,31 @@ def start_agents(agents: Iterable[AgentProcess]) -> None:
 
 def drain(agents: Sequence[AgentProcess], timeout: float = 90) -> None:
     """Let each agent sample the counters' final values and ship everything, then
-    kill -9 it. (Not SIGTERM: a stop on a signal is a scenario of its own.)"""
+    kill -9 it. (Not SIGTERM: a stop on a signal is a scenario of its own.)
+
+    All agents at once: each is killed as soon as it has settled; one that sampled
+    again just before the kill is started again, and waited for again."""
     deadline = time.monotonic() + timeout
-    for a in agents:
-        while True:
-            if not a.running:
-                a.start()
-            wait_until(a.settled, max(deadline - time.monotonic(), 1),
-                       f"agent {a.host} to sample the final counters and drain its spool:\n"
-                       f"{a.view()}")
+    pending = list(agents)
+    for a in pending:
+        if not a.running:
+            a.start()
+    while pending:
+        for a in list(pending):
+            if not a.settled():
+                continue
             assert a.running, f"agent {a.host} exited:\n{tail(a.log)}"
             a.kill()
-            if a.view().records == 0:  # else it sampled again before the kill: once more
-                break
+            if a.view().records == 0:
+                pending.remove(a)
+            else:  # it sampled again before the kill: once more
+                a.start()
+        if pending:
+            if time.monotonic() > deadline:
+                raise AssertionError(
+                    f"timed out after {timeout} s waiting for agents to sample the final "
+                    f"counters and drain their spools: {[(a.host, a.view()) for a in pending]}")
+            time.sleep(0.05)
 
 
 # -- PostgreSQL --------------------------------------------------------------------------

@@ -11,18 +11,22 @@ with plain SQL, not through the stores under test.
 from __future__ import annotations
 
 import asyncio
+import json
+import re
 import sqlite3
 import urllib.error
+import urllib.request
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 
 from tests.harness import CollectorProcess, meterd
-from tests.reliability.faults import AgentProcess, Key, canonical_labels
+from tests.reliability.faults import AgentProcess, DeadLetterRow, Key, canonical_labels
 
 
 @dataclass(frozen=True)
@@ -32,6 +36,8 @@ class LedgerRow:
     metric: str
     labels: str
     quantity: Decimal
+    start_us: int
+    end_us: int
 
 
 @dataclass(frozen=True)
@@ -44,13 +50,15 @@ def read_sqlite_ledger(path: Path) -> LedgerView:
     db = sqlite3.connect(path, timeout=30)
     try:
         rows = db.execute(
-            "SELECT record_id, account_id, host_id, metric, labels, quantity FROM records"
+            "SELECT record_id, account_id, host_id, metric, labels, quantity, start_us, end_us"
+            " FROM records"
         ).fetchall()
         held = db.execute("SELECT record_id, host_id FROM held").fetchall()
     finally:
         db.close()
     return LedgerView(
-        {r[0]: LedgerRow(r[1], r[2], r[3], canonical_labels(r[4]), Decimal(r[5])) for r in rows},
+        {r[0]: LedgerRow(r[1], r[2], r[3], canonical_labels(r[4]), Decimal(r[5]), r[6], r[7])
+         for r in rows},
         {r[0]: r[1] for r in held},
     )
 
@@ -64,11 +72,11 @@ def read_pg_ledger(dsns: Sequence[str]) -> LedgerView:
             try:
                 for r in await conn.fetch(
                     "SELECT record_id, account_id, host_id, metric, labels::text,"
-                    " quantity::text FROM records"
+                    " quantity::text, start_us, end_us FROM records"
                 ):
                     assert r[0] not in records, f"record {r[0]} on two shards"
                     records[r[0]] = LedgerRow(r[1], r[2], r[3], canonical_labels(r[4]),
-                                              Decimal(r[5]))
+                                              Decimal(r[5]), r[6], r[7])
                 for r in await conn.fetch("SELECT record_id, host_id FROM held"):
                     held[r[0]] = r[1]
             finally:
@@ -78,9 +86,33 @@ def read_pg_ledger(dsns: Sequence[str]) -> LedgerView:
     return asyncio.run(read())
 
 
+_TOKENS: dict[str, str] = {}
+
+
+def api_token(config: Path) -> str:
+    """An operator token for the collector configured by ``config`` (made once)."""
+    key = str(config.resolve())
+    if key not in _TOKENS:
+        made = meterd("token", "create", "--config", str(config), "--name", "reliability",
+                      "--role", "operator")
+        assert made.returncode == 0, made.stdout + made.stderr
+        _TOKENS[key] = made.stdout.strip().splitlines()[-1]
+    return _TOKENS[key]
+
+
+def rest_get(collector: CollectorProcess, path: str) -> Any:
+    """GET ``path`` from the collector's REST API, authenticated."""
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{collector.api_port}{path}",
+        headers={"Authorization": f"Bearer {api_token(collector.config)}"},
+    )
+    with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310 (loopback)
+        return json.load(response)
+
+
 def rest_usage(collector: CollectorProcess, account: str) -> dict[str, Decimal]:
     try:
-        report = collector.get(f"/v1/accounts/{account}/usage")
+        report = rest_get(collector, f"/v1/accounts/{account}/usage")
     except urllib.error.HTTPError as exc:
         raise AssertionError(f"usage of {account}: HTTP {exc.code}") from None
     return {u["metric"]: Decimal(u["quantity"]) for u in report["usage"]}
@@ -91,23 +123,31 @@ def reconcile(
     agents: Sequence[AgentProcess],
     assignments: Mapping[str, str],
     read_ledger: Callable[[], LedgerView],
+    *,
+    refused: re.Pattern[str] | None = None,
 ) -> LedgerView:
     """The end of every scenario; the collector is running and the agents are stopped
-    with empty spools. Returns the ledger it read."""
+    with empty spools. ``refused`` matches the reasons the collector's policy may give
+    for refusing a record in this scenario (None: it may refuse nothing). Returns the
+    ledger it read."""
     sampled: dict[Key, Decimal] = {}
+    dead: list[DeadLetterRow] = []
     for a in agents:
         sampled.update(a.counters.sampled())
         view = a.view()
         assert view.records == 0, f"agent {a.host}: {view}"
-        assert view.dead_letters == 0, f"agent {a.host}: {view}"
-
-    # Per account and metric, as billing sees it: the REST API of the running collector.
-    want_rest: dict[str, dict[str, Decimal]] = defaultdict(lambda: defaultdict(Decimal))
-    for (host, metric, _), q in sampled.items():
-        want_rest[assignments[host]][metric] += q
-    for account, want in sorted(want_rest.items()):
-        got = rest_usage(collector, account)
-        assert got == dict(want), f"account {account}: ledger {got} != sampled {dict(want)}"
+        dead += a.dead_letters()
+    if refused is None:
+        assert not dead, f"records refused: {[(d.key, d.reason) for d in dead[:5]]}"
+    for d in dead:
+        assert refused is not None
+        assert refused.search(d.reason), f"refused for an unexpected reason: {d}"
+    dead_totals: dict[Key, Decimal] = defaultdict(Decimal)
+    for d in dead:
+        dead_totals[d.key] += d.quantity
+    # What the ledger must hold: everything sampled that was not refused.
+    owed = {k: v - dead_totals.get(k, Decimal(0)) for k, v in sampled.items()}
+    assert set(dead_totals) <= set(sampled), "dead letters of series never sampled"
 
     ledger = read_ledger()
     hosts = {a.host for a in agents}
@@ -117,13 +157,24 @@ def reconcile(
         got_totals[(r.host, r.metric, r.labels)] += r.quantity
         assert r.account == assignments[r.host], f"{r} billed to the wrong account"
     diff = {
-        k: (got_totals.get(k, Decimal(0)), v)
-        for k, v in sampled.items()
+        k: (got_totals.get(k, Decimal(0)), v, dead_totals.get(k, Decimal(0)))
+        for k, v in owed.items()
         if got_totals.get(k, Decimal(0)) != v
     }
     extra = set(got_totals) - set(sampled)
-    assert not diff, f"(ledger, sampled) differ: {diff}"
+    assert not diff, f"(ledger, sampled - refused, refused) differ: {diff}"
     assert not extra, f"series in the ledger that were never sampled: {extra}"
+    both = {d.id for d in dead} & set(ours)
+    assert not both, f"{len(both)} records both refused and in the ledger"
+
+    # Per account and metric, as billing sees it: the REST API of the running collector.
+    want_rest: dict[str, dict[str, Decimal]] = defaultdict(lambda: defaultdict(Decimal))
+    for (host, metric, labels), q in owed.items():
+        if (host, metric, labels) in got_totals:  # a series wholly refused has no row
+            want_rest[assignments[host]][metric] += q
+    for account, want in sorted(want_rest.items()):
+        got = rest_usage(collector, account)
+        assert got == dict(want), f"account {account}: ledger {got} != sampled {dict(want)}"
 
     acked: set[str] = set()
     for a in agents:

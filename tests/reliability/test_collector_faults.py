@@ -44,11 +44,14 @@ from tests.reliability.faults import (
     tail,
     wait_until,
 )
+from tests.reliability.proxy import FaultProxy
 from tests.reliability.reconcile import (
     LedgerView,
+    api_token,
     read_pg_ledger,
     read_sqlite_ledger,
     reconcile,
+    rest_get,
     rest_usage,
 )
 
@@ -112,15 +115,21 @@ def test_collector_killed_while_committing_posts_everything_once(
     backend: str, tmp_path: Path, rel_pki: Path, rng: random.Random,
     request: pytest.FixtureRequest,
 ) -> None:
+    """Twenty agents on PostgreSQL (a fleet), three with many series each on SQLite
+    (one host's commits are large), all reaching the collector through the fault
+    proxy; the collector is killed with SIGKILL again and again while they ship,
+    sometimes with the link slow or black-holed at that moment."""
     port = free_port()
-    hosts = HOSTS[: 20 if SOAK else 3]
+    fleet = backend == "postgres" or SOAK
+    hosts = HOSTS[: 20 if fleet else 3]
     assignments = {h: ACCOUNTS[i % 2] for i, h in enumerate(hosts)}
     config, read_ledger = configure(backend, request, tmp_path, rel_pki, port, assignments)
 
     collector = CollectorProcess(config).start()
+    link = FaultProxy([("127.0.0.1", port)]).start()
     # Enough series that the collector is busy committing when a kill lands.
-    agents = [AgentProcess(tmp_path, rel_pki, h, port, rng, interfaces=4 if SOAK else 30,
-                           batch_max_records=200)
+    agents = [AgentProcess(tmp_path, rel_pki, h, link.port, rng, interfaces=4 if fleet else 30,
+                           batch_max_records=200, interval="0.2" if fleet else "0.1")
               for h in hosts]
     counters = [a.counters for a in agents]
     try:
@@ -130,8 +139,14 @@ def test_collector_killed_while_committing_posts_everything_once(
             # Each outage leaves a backlog: once the agents are back they all ship at
             # once, and the kill lands among their commits.
             run_for(rng.uniform(0.0, 0.4), counters, rng)
+            link_fault = rng.choice(["none", "delay", "blackhole"])
+            if link_fault == "delay":
+                link.delay_by(rng.uniform(0.005, 0.05))
+            elif link_fault == "blackhole":
+                link.blackhole()  # calls in flight when the collector dies stay unanswered
             collector.kill()
             run_for(rng.uniform(0.2, 1.0), counters, rng)
+            link.pass_through()
             shipping_again = logged_since('"batch_ingested"', collector.log)
             collector.start()
             run_until(shipping_again, 60, "agents to ship again", counters, rng)
@@ -139,13 +154,15 @@ def test_collector_killed_while_committing_posts_everything_once(
         drain(agents)
         reconcile(collector, agents, assignments, read_ledger)
         cut = sum(a.log_text().count("Stream removed") for a in agents)
-        print(f"{kills} kills; calls cut off: {cut}; batches resent after their commit: "
-              f"{resent_after_commit(collector)}")
+        print(f"{len(agents)} agents, {kills} kills; calls cut off: {cut}; batches resent "
+              f"after their commit: {resent_after_commit(collector)}; connections through "
+              f"the proxy: {link.accepted}")
         assert collector.stop() == 0
     finally:
         for a in agents:
             a.kill()
         collector.kill()
+        link.close()
 
 
 def usage_batches(rng: random.Random, batches: int, size: int) -> list[list[UsageRecord]]:
@@ -256,6 +273,7 @@ def test_postgres_restarted_during_ingest_collector_recovers_by_itself(
     agents = [AgentProcess(tmp_path, rel_pki, h, port, rng) for h in assignments]
     counters = [a.counters for a in agents]
     try:
+        api_token(collector.config)  # made while the database is there
         start_agents(agents)
         outages = 4 if SOAK else 2
         for n in range(outages):
@@ -270,7 +288,7 @@ def test_postgres_restarted_during_ingest_collector_recovers_by_itself(
                 run_until(told, 15, "an agent to be told the ledger is unavailable",
                           counters, rng)
                 with pytest.raises(urllib.error.HTTPError) as info:
-                    collector.get("/v1/accounts/acme/usage")
+                    rest_get(collector, "/v1/accounts/acme/usage")
                 assert info.value.code == 503
                 pg_cluster.start()
             run_for(rng.uniform(1.0, 2.0), counters, rng)
@@ -321,7 +339,7 @@ def test_unassigned_host_is_held_then_rated_after_assignment_and_sighup(
                   30, "the unassigned agent's spool to drain", counters, rng)
         view = read_sqlite_ledger(ledger)
         assert not [r for r in view.records.values() if r.host == "host-c"]
-        assert collector.get("/v1/accounts/initech/usage")["usage"] == []
+        assert rest_get(collector, "/v1/accounts/initech/usage")["usage"] == []
 
         config.write_text(config.read_text() + '[[assignments]]\nhost = "host-c"\n'
                           'account = "initech"\n')
