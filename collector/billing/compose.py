@@ -62,11 +62,10 @@ from collector.rating.quote import (
     QuoteLine,
     QuoteRequest,
     TaxLine,
-    _discounts,
-    _minimums,
     _Problems,
     _taxes,
     quote,
+    settle,
 )
 from common.errors import ValidationError
 from common.money import CONTEXT
@@ -327,24 +326,7 @@ def _priced(tariff: Tariff, request: QuoteRequest, planned: Sequence[_Planned]) 
     priced = quote(tariff, replace(request, plans=(), coupons=(), tax_rates=()))
     item_lines = iter(priced.lines)
     lines = [p.ledger_line if p.ledger_line is not None else next(item_lines) for p in planned]
-    problems = _Problems(request.source)
-    currency = priced.currency
-    lines += _minimums(problems, tariff, request, currency, lines)
-    subtotal = _sum(line.amount for line in lines)
-    discounts = _discounts(problems, tariff, request, currency, subtotal)
-    discounted = CONTEXT.subtract(subtotal, _sum(d.amount for d in discounts))
-    taxes = _taxes(problems, tariff, request, currency, discounted)
-    if problems.errors:
-        raise TariffError(problems.errors)
-    exclusive = _sum(tax.amount for tax in taxes if not tax.inclusive)
-    return Quote(
-        currency=currency,
-        lines=tuple(lines),
-        subtotal=subtotal,
-        discounts=tuple(discounts),
-        taxes=tuple(taxes),
-        total=CONTEXT.add(discounted, exclusive),
-    )
+    return settle(_Problems(request.source), tariff, request, priced.currency, lines)
 
 
 def _sum(amounts: Iterable[Decimal]) -> Decimal:

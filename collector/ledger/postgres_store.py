@@ -41,6 +41,7 @@ from collector.ledger.journal import (
 )
 from collector.ledger.outbox import encode_data
 from collector.ledger.store import (
+    AUDIT_COLUMNS,
     BUCKETS,
     CREDIT_NOTE_COLUMNS,
     ENTRY_RECORDS_SQL,
@@ -48,6 +49,7 @@ from collector.ledger.store import (
     INVOICE_COLUMNS,
     ORPHAN_RECORDS_SQL,
     REVENUE_PREFIX,
+    TOKEN_COLUMNS,
     AgentFacts,
     ApiToken,
     AuditRow,
@@ -217,17 +219,6 @@ END $$;
 """
 
 _AUDIT_LOCK = 0x6D61756474  # advisory lock id ("maudt") serialising audit appends
-_TOKEN_COLUMNS = (
-    "token_id, name, role, scopes, created_us, created_by, revoked_us, revoked_by"  # noqa: S105
-)
-_AUDIT_COLUMNS = "seq, at_us, actor, action, target, before_json, after_json, prev_hash, hash"
-
-
-def _token(row: Sequence[Any]) -> ApiToken:
-    scopes = tuple(s for s in row[3].split(",") if s)
-    return ApiToken(row[0], row[1], row[2], scopes, row[4], row[5], row[6], row[7])
-
-
 def _bucket_sql(bucket: str, column: str = "start_us") -> str:
     """The start of the bucket (microseconds) a timestamp column falls in."""
     width = BUCKETS[bucket]
@@ -1024,21 +1015,21 @@ class PostgresLedger(_PgBillingStore):
 
     async def find_token(self, token_hash: str) -> ApiToken | None:
         rows = await self._fetch(
-            f"SELECT {_TOKEN_COLUMNS} FROM api_tokens WHERE token_hash = $1", token_hash
+            f"SELECT {TOKEN_COLUMNS} FROM api_tokens WHERE token_hash = $1", token_hash
         )
-        return _token(rows[0]) if rows else None
+        return ApiToken.from_row(rows[0]) if rows else None
 
     async def tokens(self) -> list[ApiToken]:
         rows = await self._fetch(
-            f"SELECT {_TOKEN_COLUMNS} FROM api_tokens ORDER BY created_us, token_id"
+            f"SELECT {TOKEN_COLUMNS} FROM api_tokens ORDER BY created_us, token_id"
         )
-        return [_token(r) for r in rows]
+        return [ApiToken.from_row(r) for r in rows]
 
     async def audit_rows(
         self, *, from_us: int, to_us: int, after_seq: int, limit: int | None
     ) -> list[AuditRow]:
         rows = await self._fetch(
-            f"SELECT {_AUDIT_COLUMNS} FROM audit_log WHERE seq > $1 AND at_us >= $2"
+            f"SELECT {AUDIT_COLUMNS} FROM audit_log WHERE seq > $1 AND at_us >= $2"
             " AND at_us < $3 ORDER BY seq LIMIT $4",
             after_seq, from_us, to_us, limit,
         )
@@ -1219,9 +1210,9 @@ class _PgTx(_PgBillingTx):
 
     async def get_token(self, token_id: str) -> ApiToken | None:
         row = await self._conn.fetchrow(
-            f"SELECT {_TOKEN_COLUMNS} FROM api_tokens WHERE token_id = $1 FOR UPDATE", token_id
+            f"SELECT {TOKEN_COLUMNS} FROM api_tokens WHERE token_id = $1 FOR UPDATE", token_id
         )
-        return _token(row) if row else None
+        return ApiToken.from_row(row) if row else None
 
     async def revoke_token(self, token_id: str, at_us: int, by: str) -> None:
         await self._conn.execute(

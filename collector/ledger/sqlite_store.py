@@ -36,6 +36,7 @@ from collector.ledger.journal import (
 )
 from collector.ledger.outbox import encode_data
 from collector.ledger.store import (
+    AUDIT_COLUMNS,
     BUCKETS,
     CREDIT_NOTE_COLUMNS,
     ENTRY_RECORDS_SQL,
@@ -43,6 +44,7 @@ from collector.ledger.store import (
     INVOICE_COLUMNS,
     ORPHAN_RECORDS_SQL,
     REVENUE_PREFIX,
+    TOKEN_COLUMNS,
     AgentFacts,
     ApiToken,
     AuditRow,
@@ -186,17 +188,6 @@ BEGIN SELECT RAISE(ABORT, 'meterd: audit_log is append-only'); END;
 CREATE TRIGGER IF NOT EXISTS audit_log_no_delete BEFORE DELETE ON audit_log
 BEGIN SELECT RAISE(ABORT, 'meterd: audit_log is append-only'); END;
 """
-
-_TOKEN_COLUMNS = (
-    "token_id, name, role, scopes, created_us, created_by, revoked_us, revoked_by"  # noqa: S105
-)
-_AUDIT_COLUMNS = "seq, at_us, actor, action, target, before_json, after_json, prev_hash, hash"
-
-
-def _token(row: Sequence[Any]) -> ApiToken:
-    scopes = tuple(s for s in row[3].split(",") if s)
-    return ApiToken(row[0], row[1], row[2], scopes, row[4], row[5], row[6], row[7])
-
 
 def _bucket_sql(bucket: str, column: str = "start_us") -> str:
     """The start of the bucket (microseconds) a timestamp column falls in."""
@@ -893,21 +884,21 @@ class SqliteLedger(_SqliteBillingStore):
 
     async def find_token(self, token_hash: str) -> ApiToken | None:
         rows = await self._query(
-            f"SELECT {_TOKEN_COLUMNS} FROM api_tokens WHERE token_hash = ?", (token_hash,)
+            f"SELECT {TOKEN_COLUMNS} FROM api_tokens WHERE token_hash = ?", (token_hash,)
         )
-        return _token(rows[0]) if rows else None
+        return ApiToken.from_row(rows[0]) if rows else None
 
     async def tokens(self) -> list[ApiToken]:
         rows = await self._query(
-            f"SELECT {_TOKEN_COLUMNS} FROM api_tokens ORDER BY created_us, token_id"
+            f"SELECT {TOKEN_COLUMNS} FROM api_tokens ORDER BY created_us, token_id"
         )
-        return [_token(r) for r in rows]
+        return [ApiToken.from_row(r) for r in rows]
 
     async def audit_rows(
         self, *, from_us: int, to_us: int, after_seq: int, limit: int | None
     ) -> list[AuditRow]:
         rows = await self._query(
-            f"SELECT {_AUDIT_COLUMNS} FROM audit_log WHERE seq > ? AND at_us >= ?"
+            f"SELECT {AUDIT_COLUMNS} FROM audit_log WHERE seq > ? AND at_us >= ?"
             " AND at_us < ? ORDER BY seq LIMIT ?",
             (after_seq, from_us, to_us, -1 if limit is None else limit),
         )
@@ -1148,9 +1139,9 @@ class _SqliteTx(_SqliteBillingTx):
     async def get_token(self, token_id: str) -> ApiToken | None:
         def fetch() -> ApiToken | None:
             row = self._store.conn.execute(
-                f"SELECT {_TOKEN_COLUMNS} FROM api_tokens WHERE token_id = ?", (token_id,)
+                f"SELECT {TOKEN_COLUMNS} FROM api_tokens WHERE token_id = ?", (token_id,)
             ).fetchone()
-            return _token(row) if row else None
+            return ApiToken.from_row(row) if row else None
 
         return await self._store._run(fetch)
 

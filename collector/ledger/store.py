@@ -420,6 +420,19 @@ class ApiToken:
     revoked_us: int | None = None
     revoked_by: str = ""
 
+    @classmethod
+    def from_row(cls, row: Sequence[Any]) -> ApiToken:
+        """A token from the columns :data:`TOKEN_COLUMNS` names, in that order."""
+        scopes = tuple(s for s in row[3].split(",") if s)
+        return cls(row[0], row[1], row[2], scopes, row[4], row[5], row[6], row[7])
+
+
+# The columns every store selects for tokens and audit rows, in this order.
+TOKEN_COLUMNS = (
+    "token_id, name, role, scopes, created_us, created_by, revoked_us, revoked_by"  # noqa: S105
+)
+AUDIT_COLUMNS = "seq, at_us, actor, action, target, before_json, after_json, prev_hash, hash"
+
 
 @dataclass(frozen=True, slots=True)
 class AuditRow:

@@ -226,7 +226,19 @@ def quote(tariff: Tariff, request: QuoteRequest) -> Quote:
         raise TariffError(problems.errors)
 
     lines = [line for item, price in priced if (line := _line(problems, item, price, period))]
-    lines += _minimums(problems, tariff, request, currency, lines)
+    return settle(problems, tariff, request, currency, lines)
+
+
+def settle(
+    problems: _Problems,
+    tariff: Tariff,
+    request: QuoteRequest,
+    currency: str,
+    lines: list[QuoteLine],
+) -> Quote:
+    """Steps 2 to 6 over priced lines: minimum commitments, subtotal, coupons, taxes and
+    the total. :class:`TariffError` naming every problem found on the way."""
+    lines = lines + _minimums(problems, tariff, request, currency, lines)
     subtotal = _sum(line.amount for line in lines)
     discounts = _discounts(problems, tariff, request, currency, subtotal)
     discounted = CONTEXT.subtract(subtotal, _sum(d.amount for d in discounts))

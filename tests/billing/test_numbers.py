@@ -69,7 +69,9 @@ async def test_invoice_numbers_have_no_gaps_under_concurrent_finalization(
             return_exceptions=True,
         )
         failed = [a for a, r in zip(ACCOUNTS, results, strict=True) if isinstance(r, Exception)]
-        assert failed == list(FAILING)
+        errors = {a: repr(r) for a, r in zip(ACCOUNTS, results, strict=True)
+                  if isinstance(r, Exception)}
+        assert failed == list(FAILING), errors
         numbers = sorted(r.invoice.number for r in results if isinstance(r, Finalized))
         assert numbers == [f"INV-0-{n:06d}" for n in range(1, 11)]
 

@@ -30,6 +30,7 @@ import asyncio
 import itertools
 import random
 import time
+import unicodedata
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -64,6 +65,15 @@ ODD_TEXT = st.text(
     alphabet=st.characters(codec="utf-8", exclude_characters="\x00"),
     max_size=40,
 ) | st.sampled_from(["\u202e", "\ufeff", "🧾💶", "e\u0301", "ǅ", "\x7f\x01", " ", "\U0010ffff"])
+# Labels refuse control characters (category Cc); everything else printable or not is
+# label text.
+LABEL_TEXT = st.text(
+    alphabet=st.characters(codec="utf-8", exclude_categories=("Cc",)), max_size=40,
+) | st.sampled_from(["\u202e", "\ufeff", "🧾💶", "e\u0301", "ǅ", " ", "\U0010ffff"])
+
+
+def _has_control(text: str) -> bool:
+    return any(unicodedata.category(c) == "Cc" for c in text)
 
 
 class Expect(Enum):
@@ -123,9 +133,9 @@ def valid_record(draw: st.DrawFn) -> pb.UsageRecord:
     quantity = draw(st.decimals(min_value=0, max_value=10**15, places=draw(st.integers(0, 9)),
                                 allow_nan=False, allow_infinity=False))
     labels = draw(st.dictionaries(
-        st.text(alphabet=st.characters(codec="utf-8", exclude_characters="\x00"),
+        st.text(alphabet=st.characters(codec="utf-8", exclude_categories=("Cc",)),
                 min_size=1, max_size=20),
-        ODD_TEXT, max_size=3))
+        LABEL_TEXT, max_size=3))
     # Ids are unique by construction (a counter in the low bits): hypothesis happily
     # draws the same value twice, and a repeated id is a case of its own (below).
     record_id = uuid.UUID(int=(draw(st.integers(0, 2**64 - 1)) << 64) | next(_IDS))
@@ -193,8 +203,10 @@ def hostile_record(draw: st.DrawFn) -> Item:
     elif kind == "empty label key":
         m.labels[""] = "v"
     else:
-        m.labels.update(draw(st.dictionaries(ODD_TEXT.filter(bool), ODD_TEXT, max_size=4)))
-        expect = Expect.VALID
+        odd = draw(st.dictionaries(ODD_TEXT.filter(bool), ODD_TEXT, max_size=4))
+        m.labels.update(odd)
+        control = any(_has_control(k) or _has_control(v) for k, v in odd.items())
+        expect = Expect.INVALID if control else Expect.VALID
     return Item(m, expect, kind)
 
 
