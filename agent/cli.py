@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
+import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from agent.config import AgentConfig, load_agent_config
-from common import config, logs
+from common import config
 from common.cli import EXIT_ERROR, EXIT_OK
 from common.records import from_us
 
@@ -49,10 +50,20 @@ def register(subparsers: Any) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from agent.daemon import run
+    """Check, then become the agent process (:mod:`agent.__main__`) by ``exec``."""
+    from agent.__main__ import exec_argv, exec_environment
+    from agent.identity import check_identity
+    from common.cli import meterd_version
+    from common.tls import restrict_grpc_to_tls13
 
-    logs.configure(args.log_level)
-    return asyncio.run(run(args.config))
+    cfg = load_agent_config(args.config)
+    host_id = check_identity(cfg)
+    restrict_grpc_to_tls13()  # inherited through exec; the agent process checks it
+    argv = exec_argv(args.config, host_id, meterd_version(), args.log_level)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Our own interpreter; returns only by raising OSError.
+    os.execve(argv[0], argv, exec_environment(os.environ))  # noqa: S606
 
 
 def _seconds(text: str) -> float:

@@ -25,6 +25,11 @@ class AgentTls:
 
 @dataclass(frozen=True)
 class ShippingConfig:
+    interval_seconds: Decimal = config.option(
+        Decimal(60),
+        "ship spooled records this often (0: after every sample); the first records after "
+        "start, and a full batch (batch_max_records), go at once",
+    )
     batch_max_records: int = config.option(1000, "most records in one call")
     batch_max_bytes: int = config.option(1024 * 1024, "most encoded bytes in one call")
     deadline_seconds: Decimal = config.option(Decimal(10), "deadline of one call")
@@ -106,6 +111,8 @@ def load_agent_config(path: Path) -> LoadedAgentConfig:
             check_metrics(raw.metrics.enabled)
         except MeterdError as exc:
             raise ConfigError(source, "metrics.enabled", str(exc)) from None
+    if raw.shipping.interval_seconds < 0:
+        raise ConfigError(source, "shipping.interval_seconds", "must be 0 or more seconds")
     for name in ("batch_max_records", "batch_max_bytes"):
         if getattr(raw.shipping, name) < 1:
             raise ConfigError(source, f"shipping.{name}", "must be at least 1")

@@ -26,7 +26,19 @@ Counters (cumulative values: CPU seconds, bytes)
     went up. 32-bit wrap: a counter declaring ``wrap=m`` whose previous value lay in
     the top quarter of ``[0, m)`` and whose new value lies in the bottom quarter is
     taken to have wrapped once, delta ``m - previous + new``; any other decrease is a
-    reset. A counter that can only be reset by a reboot (``reset_on_decrease=False``:
+    reset. The rule is a guess with two known limits. It counts a wrap exactly only
+    when less than ``m / 4`` was added in the interval (1 GiB for a 32-bit byte
+    counter: 10 s at 860 Mbit/s; 512 GiB for disk bytes): a counter that wrapped
+    after a larger advance, or wrapped more than once, is taken for a reset and the
+    usage before the wrap is lost. And a genuine reset (a driver reloaded under the
+    same interface index) of a counter that stood in the top quarter below ``m`` and
+    came back in the bottom quarter is taken for a wrap and over-counts by
+    ``m - previous``, less than ``m / 4``. Linux on 64-bit machines keeps network
+    and disk counters in 64 bits, so the second limit only bites while a counter
+    stands below ``m`` (4 GiB of network bytes, 2 TiB of disk bytes since it was
+    created).
+
+    A counter that can only be reset by a reboot (``reset_on_decrease=False``:
     host CPU time) and goes down without one is a kernel glitch: delta 0 and the
     higher value stays the baseline, so the dip is not counted twice.
 
@@ -46,6 +58,18 @@ Gauges (instantaneous values: bytes in use, GPU utilisation)
     ``(previous + current) / 2 * duration_ns / 10**9``, exact in Decimal because
     ``2 * 10**9`` has only the prime factors 2 and 5. A gauge with no previous value
     (new, or returning after vanishing) starts a baseline.
+
+    A gauge that still exists but could not be read (its source's read failed: an
+    I/O error, an unparsable file, a GPU that did not answer) is *held*: the source
+    names it in :attr:`Readings.held`, it yields no record for that window, and its
+    last value and the monotonic time it was read are kept. When it is read again,
+    the trapezoid between the two readings covers the whole time since the last one
+    and is attributed to that window, as a counter's usage while unseen is. So a
+    failed read moves a gauge's usage to a later window and loses none of it. A held
+    gauge must be named as held in every cycle it stays unread (at most
+    ``max_dormant`` of them are kept, oldest read first); one that is neither read
+    nor held has vanished and starts a baseline when it returns, since nothing is
+    known of it in between.
 
 Restart and reboot
     :meth:`Meter.state` is a JSON-serialisable dict (last counter and gauge values,
@@ -160,11 +184,14 @@ class Boot:
 
 @dataclass(frozen=True, slots=True)
 class Readings:
-    """Raw values from one or more sources. ``scopes`` are the watches that were read."""
+    """Raw values from one or more sources. ``scopes`` are the watches that were read;
+    ``held`` the gauges that exist but could not be read this time (see the module
+    docstring)."""
 
     counters: Mapping[Series, Counter] = field(default_factory=dict)
     gauges: Mapping[Series, Decimal] = field(default_factory=dict)
     scopes: frozenset[str] = frozenset()
+    held: frozenset[Series] = frozenset()
 
 
 def merge(parts: Iterable[Readings]) -> Readings:
@@ -172,13 +199,15 @@ def merge(parts: Iterable[Readings]) -> Readings:
     counters: dict[Series, Counter] = {}
     gauges: dict[Series, Decimal] = {}
     scopes: set[str] = set()
+    held: set[Series] = set()
     for part in parts:
         for key, counter in part.counters.items():
             counters.setdefault(key, counter)
         for key, gauge in part.gauges.items():
             gauges.setdefault(key, gauge)
         scopes |= part.scopes
-    return Readings(counters, gauges, frozenset(scopes))
+        held |= part.held
+    return Readings(counters, gauges, frozenset(scopes), frozenset(held))
 
 
 @dataclass(frozen=True, slots=True)
@@ -246,6 +275,7 @@ class Meter:
         self._scopes: frozenset[str] = frozenset()
         self._counters: dict[Series, _Kept] = {}
         self._gauges: dict[Series, Decimal] = {}
+        self._held_read_ns: dict[Series, int] = {}  # held gauges: when last read (mono)
         if state is not None:
             self._load(state)
 
@@ -274,7 +304,7 @@ class Meter:
             up_ns = min(max(snap.boot.uptime_ns, 0), elapsed_ns) if rebooted else elapsed_ns
         quantities: dict[tuple[str, Labels], Decimal] = {}
         self._count(snap, readings, rebooted, quantities)
-        self._integrate(readings, rebooted, elapsed_ns, up_ns, quantities)
+        self._integrate(snap, readings, rebooted, elapsed_ns, up_ns, quantities)
         if UPTIME in self.metrics:
             quantities[(UPTIME, ())] = _EXACT.divide(Decimal(up_ns), _NS_PER_S)
         self._boot_id = snap.boot.boot_id
@@ -307,6 +337,10 @@ class Meter:
                 if k.metric in self.metrics and k not in rejected
             },
             readings.scopes,
+            frozenset(
+                k for k in readings.held
+                if k.metric in self.metrics and k not in readings.gauges
+            ),
         )
 
     def _baseline(self, snap: Snapshot, readings: Readings) -> None:
@@ -318,6 +352,7 @@ class Meter:
         self._scopes = readings.scopes
         self._counters = {k: _Kept(c.value, c.instance) for k, c in readings.counters.items()}
         self._gauges = dict(readings.gauges)
+        self._held_read_ns = {}
 
     def _timeline_end(self, snap: Snapshot) -> int:
         derived = self._anchor_wall_us + (snap.mono_ns - self._anchor_mono_ns) // 1000
@@ -388,12 +423,14 @@ class Meter:
 
     def _integrate(
         self,
+        snap: Snapshot,
         readings: Readings,
         rebooted: bool,
         elapsed_ns: int,
         up_ns: int,
         out: dict[tuple[str, Labels], Decimal],
     ) -> None:
+        continuous = not rebooted and snap.mono_ns >= self._mono_ns
         for key, value in readings.gauges.items():
             if rebooted:
                 quantity: Decimal | None = _EXACT.divide(_EXACT.multiply(value, up_ns), _NS_PER_S)
@@ -401,11 +438,28 @@ class Meter:
                 previous = self._gauges.get(key)
                 quantity = None
                 if previous is not None:
+                    read_ns = self._held_read_ns.get(key)
+                    span_ns = (
+                        snap.mono_ns - read_ns if continuous and read_ns is not None
+                        else elapsed_ns
+                    )
                     total = _EXACT.add(previous, value)
-                    quantity = _EXACT.divide(_EXACT.multiply(total, elapsed_ns), 2 * _NS_PER_S)
+                    quantity = _EXACT.divide(_EXACT.multiply(total, span_ns), 2 * _NS_PER_S)
             if quantity is not None:
                 out[key.output] = _EXACT.add(out.get(key.output, Decimal(0)), quantity)
-        self._gauges = dict(readings.gauges)
+        gauges = dict(readings.gauges)
+        held: dict[Series, int] = {}
+        if continuous:
+            for key in readings.held:
+                previous = self._gauges.get(key)
+                if previous is not None:
+                    gauges[key] = previous
+                    held[key] = self._held_read_ns.get(key, self._mono_ns)
+            oldest = sorted(held, key=lambda k: (held[k], k))
+            for key in oldest[: max(0, len(held) - self.max_dormant)]:
+                del held[key], gauges[key]
+        self._gauges = gauges
+        self._held_read_ns = held
 
     def _record(
         self, metric: str, labels: Labels, quantity: Decimal, start_us: int, end_us: int
@@ -448,7 +502,12 @@ class Meter:
                 for key, kept in sorted(self._counters.items())
             ],
             "gauges": [
-                {**_series_state(key), "value": canonical_text(value)}
+                {
+                    **_series_state(key),
+                    "value": canonical_text(value),
+                    **({"read_mono_ns": self._held_read_ns[key]}
+                       if key in self._held_read_ns else {}),
+                }
                 for key, value in sorted(self._gauges.items())
             ],
         }
@@ -475,7 +534,11 @@ class Meter:
                 )
             for item in _list(state["gauges"]):
                 entry = _dict(item)
-                self._gauges[_series_from(entry)] = _quantity(entry["value"], "gauge value")
+                key = _series_from(entry)
+                self._gauges[key] = _quantity(entry["value"], "gauge value")
+                read_ns = _opt_int(entry.get("read_mono_ns"))
+                if read_ns is not None:
+                    self._held_read_ns[key] = read_ns
         except (KeyError, TypeError, ValidationError) as exc:
             raise ValidationError(f"sampler state is not usable: {exc}") from None
 

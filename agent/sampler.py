@@ -102,6 +102,12 @@ class PsutilSource:
     ``/sys/block`` are read, so partitions are not counted again beside their disk.
     Disk space is labelled by mount point; I/O by device; network by interface, with
     the interface index as the instance token, so a re-created interface is a reset.
+
+    What cannot change while the process runs is read once: the boot id and boot time
+    (a reboot ends the process), and which device names are whole disks, kept until
+    the set of devices in ``/proc/diskstats`` changes. Everything else is read every
+    cycle, with one call per kind (``disk_io_counters(perdisk=True)``,
+    ``net_io_counters(pernic=True)``).
     """
 
     def __init__(
@@ -120,17 +126,20 @@ class PsutilSource:
         self.whole_disks_only = whole_disks_only
         self.sysfs = sysfs
         self.procfs = procfs
+        self._boot: tuple[str, int] | None = None
+        self._whole_disks: tuple[frozenset[str], frozenset[str]] = (frozenset(), frozenset())
 
     def boot(self) -> Boot:
         """Boot id from the kernel (``/proc/sys/kernel/random/boot_id``), falling back
         to the boot time; uptime from CLOCK_BOOTTIME, which includes suspend."""
-        boot_time_us = int(exact_seconds(psutil.boot_time()).scaleb(6))
-        try:
-            boot_id = (self.procfs / "sys/kernel/random/boot_id").read_text().strip()
-        except OSError:
-            boot_id = ""
-        if not boot_id:
-            boot_id = f"boot-time:{boot_time_us // 1_000_000}"
+        if self._boot is None:
+            boot_time_us = int(exact_seconds(psutil.boot_time()).scaleb(6))
+            try:
+                boot_id = (self.procfs / "sys/kernel/random/boot_id").read_text().strip()
+            except OSError:
+                boot_id = ""
+            self._boot = (boot_id or f"boot-time:{boot_time_us // 1_000_000}", boot_time_us)
+        boot_id, boot_time_us = self._boot
         if hasattr(time, "CLOCK_BOOTTIME"):
             uptime_ns = time.clock_gettime_ns(time.CLOCK_BOOTTIME)
         else:
@@ -141,6 +150,7 @@ class PsutilSource:
         counters: dict[Series, Counter] = {}
         gauges: dict[Series, Decimal] = {}
         scopes: set[str] = set()
+        held: frozenset[Series] = frozenset()
         if "cpu.seconds" in metrics:
             times = psutil.cpu_times()
             busy = sum(
@@ -152,7 +162,8 @@ class PsutilSource:
         if "mem.used_byte_seconds" in metrics:
             gauges[Series.of("mem.used_byte_seconds")] = Decimal(psutil.virtual_memory().used)
         if "disk.used_byte_seconds" in metrics:
-            gauges.update(self._disk_space())
+            space, held = self._disk_space()
+            gauges.update(space)
         io_metrics = {"disk.read_bytes", "disk.write_bytes"} & metrics
         if io_metrics:
             scope = f"devices {self.devices.describe()} whole={self.whole_disks_only}"
@@ -163,9 +174,9 @@ class PsutilSource:
             scope = f"interfaces {self.interfaces.describe()}"
             scopes.update(f"{m} {scope}" for m in net_metrics)
             counters.update(self._net(net_metrics, scope))
-        return Readings(counters, gauges, frozenset(scopes))
+        return Readings(counters, gauges, frozenset(scopes), held)
 
-    def _disk_space(self) -> dict[Series, Decimal]:
+    def _disk_space(self) -> tuple[dict[Series, Decimal], frozenset[Series]]:
         mounted: list[tuple[str, int]] = []
         for part in psutil.disk_partitions(all=False):
             if not self.mounts.allows(part.mountpoint):
@@ -175,21 +186,25 @@ class PsutilSource:
             except OSError:
                 continue
         gauges: dict[Series, Decimal] = {}
+        held: set[Series] = set()
         for mountpoint in distinct_filesystems(mounted):
+            key = Series.of("disk.used_byte_seconds", {"mount": mountpoint})
             try:
                 used = psutil.disk_usage(mountpoint).used
-            except OSError:
+            except FileNotFoundError:  # unmounted since it was listed
                 continue
-            gauges[Series.of("disk.used_byte_seconds", {"mount": mountpoint})] = Decimal(used)
-        return gauges
+            except OSError:  # mounted, but not answering now: held (agent.counters)
+                held.add(key)
+                continue
+            gauges[key] = Decimal(used)
+        return gauges, frozenset(held)
 
     def _disk_io(self, metrics: AbstractSet[str], scope: str) -> dict[Series, Counter]:
         counters: dict[Series, Counter] = {}
         per_disk = psutil.disk_io_counters(perdisk=True, nowrap=False) or {}
-        block = self.sysfs / "block"
-        check_block = self.whole_disks_only and block.is_dir()
+        whole = self._whole_disk_names(frozenset(per_disk)) if self.whole_disks_only else None
         for name, io in per_disk.items():
-            if not self.devices.allows(name) or (check_block and not (block / name).exists()):
+            if not self.devices.allows(name) or (whole is not None and name not in whole):
                 continue
             for metric, value in (("disk.read_bytes", io.read_bytes),
                                   ("disk.write_bytes", io.write_bytes)):
@@ -215,11 +230,29 @@ class PsutilSource:
                     )
         return counters
 
+    def _whole_disk_names(self, names: frozenset[str]) -> frozenset[str] | None:
+        """Which of ``names`` are listed in ``/sys/block`` (whole disks, not partitions);
+        None when there is no ``/sys/block`` to ask."""
+        known, whole = self._whole_disks
+        if names != known:
+            block = f"{self.sysfs}/block"
+            if not os.path.isdir(block):
+                return None
+            whole = frozenset(n for n in names if os.path.exists(f"{block}/{n}"))
+            self._whole_disks = (names, whole)
+        return whole
+
     def _ifindex(self, name: str) -> str | None:
         try:
-            return (self.sysfs / "class/net" / name / "ifindex").read_text().strip() or None
+            fd = os.open(f"{self.sysfs}/class/net/{name}/ifindex", os.O_RDONLY | os.O_CLOEXEC)
         except OSError:
             return None
+        try:
+            return os.read(fd, 64).decode().strip() or None
+        except OSError:
+            return None
+        finally:
+            os.close(fd)
 
 
 class NvmlSource:
@@ -235,6 +268,7 @@ class NvmlSource:
     def __init__(self, nvml: Any, count: int) -> None:
         self._nvml = nvml
         self._count = count
+        self._labels: dict[int, dict[str, str]] = {}  # GPU index -> label, once read
 
     @classmethod
     def open(cls, importer: Callable[[str], Any] = import_module) -> NvmlSource | None:
@@ -256,22 +290,32 @@ class NvmlSource:
         return cls(nvml, count)
 
     def read(self, metrics: AbstractSet[str]) -> Readings:
+        """Both gauges of every GPU; a GPU that does not answer is logged and its
+        gauges are held (:mod:`agent.counters`), once its label is known."""
         gauges: dict[Series, Decimal] = {}
+        held: set[Series] = set()
         nvml = self._nvml
+        wanted = [m for m in ("gpu.seconds", "gpu.mem_byte_seconds") if m in metrics]
         for index in range(self._count):
             try:
                 handle = nvml.nvmlDeviceGetHandleByIndex(index)
                 uuid = nvml.nvmlDeviceGetUUID(handle)
                 label = {"gpu": uuid.decode() if isinstance(uuid, bytes) else str(uuid)}
+                self._labels[index] = label
+                found: dict[Series, Decimal] = {}
                 if "gpu.seconds" in metrics:
                     percent = int(nvml.nvmlDeviceGetUtilizationRates(handle).gpu)
-                    gauges[Series.of("gpu.seconds", label)] = Decimal(percent).scaleb(-2)
+                    found[Series.of("gpu.seconds", label)] = Decimal(percent).scaleb(-2)
                 if "gpu.mem_byte_seconds" in metrics:
                     used = int(nvml.nvmlDeviceGetMemoryInfo(handle).used)
-                    gauges[Series.of("gpu.mem_byte_seconds", label)] = Decimal(used)
+                    found[Series.of("gpu.mem_byte_seconds", label)] = Decimal(used)
+                gauges.update(found)
             except nvml.NVMLError as exc:
                 log.warning("gpu_read_failed", gpu=index, error=str(exc))
-        return Readings(gauges=gauges)
+                known = self._labels.get(index)
+                if known is not None:
+                    held.update(Series.of(m, known) for m in wanted)
+        return Readings(gauges=gauges, held=frozenset(held))
 
     def close(self) -> None:
         self._nvml.nvmlShutdown()
@@ -320,7 +364,10 @@ class Sampler:
 
     A source other than the host source that fails with ``OSError`` or a psutil error
     is logged and left out of that cycle: its counters resume from their dormant
-    values next cycle, its gauges restart their baseline.
+    values next cycle, and its gauges (those it returned last time) are held, so
+    their integral over the failed window is counted when they are read again
+    (:mod:`agent.counters`). A failing host source fails the whole cycle; the next one
+    covers its window.
     """
 
     def __init__(
@@ -349,6 +396,8 @@ class Sampler:
         self.sources = tuple(sources)
         self._wall_ns = wall_ns
         self._mono_ns = mono_ns
+        # Per extra source: what it last returned, to stand in for it when it fails.
+        self._last: list[Readings] = [Readings() for _ in self.sources]
 
     @property
     def metrics(self) -> frozenset[str]:
@@ -360,11 +409,16 @@ class Sampler:
         wall_us = self._wall_ns() // 1000
         boot = self.host.boot()
         parts = [self.host.read(self.metrics)]
-        for source in self.sources:
+        for index, source in enumerate(self.sources):
             try:
-                parts.append(source.read(self.metrics))
+                part = source.read(self.metrics)
             except (OSError, psutil.Error) as exc:
                 log.warning("source_failed", source=type(source).__name__, error=str(exc))
+                last = self._last[index]
+                # Its watches still stand and its gauges still exist: hold them.
+                part = Readings(scopes=last.scopes, held=frozenset(last.gauges) | last.held)
+            self._last[index] = part
+            parts.append(part)
         records = self.meter.observe(Snapshot(mono, wall_us, boot, merge(parts)))
         for series in self.meter.rejected:
             log.warning("series_rejected", metric=series.metric, labels=dict(series.labels))

@@ -47,6 +47,9 @@ RETRYABLE = frozenset(
 )
 
 
+MAX_RETIRED_RANGES = 10_000  # retired seq ranges per call (the collector takes 100,000)
+
+
 class ShipFailed(Exception):
     """A batch was not acknowledged; retry after ``retry_after`` seconds at the least."""
 
@@ -96,11 +99,22 @@ class Shipper:
         if not batch:
             return None
         stats = await asyncio.to_thread(self._spool.stats)
+        # Sequence numbers (collector.sequences): the spool's epoch, and the seqs its
+        # compaction merged away, sent until a call carrying them is answered.
+        epoch, epoch_start = self._spool.seq_epoch
+        retired = (
+            await asyncio.to_thread(self._spool.retired_seqs, MAX_RETIRED_RANGES)
+            if self._spool.has_retired_seqs else []
+        )
         request = pb.PushRequest(
             records=[to_proto(r) for r in batch],
             agent_version=self._version,
             sent_at_us=self._clock_us(),
             backlog_records=stats.records,
+            dead_letters=stats.dead_letters,
+            seq_epoch=epoch,
+            seq_epoch_start=epoch_start,
+            retired_seqs=[pb.SeqRange(first=first, last=last) for _, first, last in retired],
         )
         try:
             response: pb.PushResponse = await self._stub.Push(request, timeout=s.deadline_seconds)
@@ -115,6 +129,8 @@ class Shipper:
                 raise ShipFailed(message, retry_after) from None
             # Anything else (a certificate refused, a bug) is not fixed by waiting less.
             raise ShipFailed(message, s.backoff_max_seconds) from None
+        if retired:
+            await asyncio.to_thread(self._spool.forget_retired_seqs, [r[0] for r in retired])
         acked = [a.id for a in response.acks if a.outcome in (pb.ACCEPTED, pb.DUPLICATE)]
         rejected = [(a.id, a.reason) for a in response.acks if a.outcome == pb.REJECTED]
         if acked:

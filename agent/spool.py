@@ -33,6 +33,14 @@ Size bound and compaction
     goes ahead over the bound, :attr:`SpoolStats.full` says so, and compaction is not
     tried again until another tenth of ``max_bytes`` has been appended.
 
+Sequence numbers
+    The seqs of the records a merge replaced (all but the one the merged record keeps)
+    are stored as ranges in the same transaction and reported to the collector
+    (:meth:`retired_seqs`, ``PushRequest.retired_seqs``) until a call carrying them is
+    answered (:meth:`forget_retired_seqs`), so they are not taken for lost usage. The
+    spool names its sequence epoch (:attr:`seq_epoch`): a UUIDv7 made with the spool, so
+    a lost spool, whose replacement's seqs start again at 0, is a new epoch.
+
 Dead letters
     Records the collector rejected move, with the reason and the time, to a separate
     table; they are never resent unless :meth:`requeue_dead_letters` moves them back.
@@ -104,6 +112,10 @@ CREATE TABLE IF NOT EXISTS sampler_state (
 CREATE TABLE IF NOT EXISTS meta (
     key TEXT PRIMARY KEY,
     value TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS retired_seqs (
+    first INTEGER NOT NULL,
+    last INTEGER NOT NULL
 );
 """
 
@@ -215,6 +227,17 @@ def _wall_us() -> int:
     return time.time_ns() // 1000
 
 
+def _seq_ranges(seqs: Iterable[int]) -> list[tuple[int, int]]:
+    """Inclusive (first, last) runs of consecutive seqs."""
+    out: list[tuple[int, int]] = []
+    for seq in sorted(set(seqs)):
+        if out and out[-1][1] + 1 == seq:
+            out[-1] = (out[-1][0], seq)
+        else:
+            out.append((seq, seq))
+    return out
+
+
 @dataclass(slots=True)
 class _Run:
     bucket: int
@@ -258,6 +281,10 @@ class Spool:
         self._count: int = count
         self._bytes: int = total
         self._retry_compaction_at = 0
+        self._seq_epoch, self._seq_epoch_start = self._open_seq_epoch()
+        self._retired_pending = (
+            self._db.execute("SELECT 1 FROM retired_seqs LIMIT 1").fetchone() is not None
+        )
 
     # -- plumbing -----------------------------------------------------------------
 
@@ -333,6 +360,12 @@ class Spool:
                     "INSERT OR REPLACE INTO sampler_state (id, state) VALUES (1, ?)",
                     (state_text,),
                 )
+            epoch_start = self._seq_epoch_start
+            if epoch_start is None and rows:
+                epoch_start = min(row[8] for row in rows)
+                db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES"
+                           " ('seq_epoch_start', ?)", (str(epoch_start),))
+        self._seq_epoch_start = epoch_start
         self._count += added - removed
         self._bytes = total - freed
         self._retry_compaction_at = retry_at
@@ -346,12 +379,69 @@ class Spool:
         state: dict[str, object] = json.loads(row[0])
         return state
 
+    # -- sequence numbers ---------------------------------------------------------
+
+    @property
+    def seq_epoch(self) -> tuple[str, int | None]:
+        """This spool's sequence epoch (made with the spool: a lost spool means a new
+        epoch) and its first seq (None until the first append after it was made)."""
+        return self._seq_epoch, self._seq_epoch_start
+
+    @property
+    def has_retired_seqs(self) -> bool:
+        return self._retired_pending
+
+    def retired_seqs(self, limit: int) -> list[tuple[int, int, int]]:
+        """Up to ``limit`` stored (id, first, last) ranges of seqs that compaction merged
+        away, to report to the collector until it has answered a call carrying them."""
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT rowid, first, last FROM retired_seqs ORDER BY rowid LIMIT ?", (limit,)
+            ).fetchall()
+            if not rows:
+                self._retired_pending = False
+        return [(r[0], r[1], r[2]) for r in rows]
+
+    def forget_retired_seqs(self, ids: Iterable[int]) -> None:
+        """Drop ranges the collector has accounted for."""
+        with self._lock, self._transaction() as db:
+            db.executemany("DELETE FROM retired_seqs WHERE rowid = ?", [(i,) for i in ids])
+            self._retired_pending = (
+                db.execute("SELECT 1 FROM retired_seqs LIMIT 1").fetchone() is not None
+            )
+
+    def _open_seq_epoch(self) -> tuple[str, int | None]:
+        """The stored epoch, or a new one. A new spool's seqs start at 0; a spool made
+        before epochs existed starts its epoch after the highest seq it holds, or, when
+        it holds none, at the first seq appended next."""
+        db = self._conn
+        meta = dict(db.execute(
+            "SELECT key, value FROM meta WHERE key IN ('seq_epoch', 'seq_epoch_start')"
+        ).fetchall())
+        if "seq_epoch" in meta:
+            start = meta.get("seq_epoch_start")
+            return meta["seq_epoch"], None if start is None else int(start)
+        top = db.execute(
+            "SELECT max(s) FROM (SELECT max(seq) AS s FROM records"
+            " UNION ALL SELECT max(seq) FROM dead_letters)"
+        ).fetchone()[0]
+        has_state = db.execute("SELECT 1 FROM sampler_state").fetchone() is not None
+        first: int | None = top + 1 if top is not None else (None if has_state else 0)
+        epoch = new_id()
+        with self._transaction():
+            db.execute("INSERT INTO meta (key, value) VALUES ('seq_epoch', ?)", (epoch,))
+            if first is not None:
+                db.execute("INSERT INTO meta (key, value) VALUES ('seq_epoch_start', ?)",
+                           (str(first),))
+        return epoch, first
+
     # -- compaction ---------------------------------------------------------------
 
     def _compact(self, db: sqlite3.Connection, need: int) -> tuple[int, int]:
         """Merge the oldest mergeable runs until ``need`` bytes are freed or nothing is
         left to merge; returns (rows removed, bytes freed)."""
         removed = freed = 0
+        retired: list[int] = []
         for tier in _TIERS:
             while freed < need:
                 runs = self._runs(db, tier, need - freed)
@@ -371,10 +461,15 @@ class Spool:
                     )
                     removed += len(run) - 1
                     freed += sum(r[-2] for r in run) - row[-1]
+                    retired += (r[9] for r in run if r[9] != merged.seq)
                 if not progress:
                     break
             if freed >= need:
                 break
+        if retired:
+            db.executemany("INSERT INTO retired_seqs (first, last) VALUES (?, ?)",
+                           _seq_ranges(retired))
+            self._retired_pending = True
         return removed, freed
 
     def _runs(

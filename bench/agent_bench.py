@@ -2,24 +2,32 @@
 
 Run from the repository root::
 
-    .venv/bin/python -m bench.agent_bench            # about 2.5 minutes
+    .venv/bin/python -m bench.agent_bench            # about 6 minutes
     .venv/bin/python -m bench.agent_bench --help     # longer runs, fewer parts
+    .venv/bin/python -m bench.agent_bench --meterd /opt/meterd/bin/meterd   # as packaged
 
 In one run it prints:
 
-1. **RSS** of a real agent process (the ``meterd`` console script) shipping over mTLS
-   to a real collector process (embedded SQLite ledger, started as
-   ``tests/harness.py`` starts it), sampled every half second after a warm-up; the
-   figure held against the target is the largest sample. The agent ships to a live
-   collector, not to nothing: the shipper's per-cycle work (read a batch, the gRPC
-   call, delete on ack, status writes) is part of what the agent costs its host.
-2. **CPU per sampling cycle**, host metrics plus 20 cgroups of a fake cgroupfs tree
-   laid out as the kernel lays it out (``[cgroups] root/patterns`` point at it). A
-   10 s interval is too slow to measure precisely in a short run, so the agent runs
-   at a short interval (0.25 s) for many cycles, then is told by SIGHUP to sample
-   hourly and its idle CPU rate is measured. CPU at a 10 s interval is
-   ``cpu_per_cycle / 10 s + idle_rate``, as % of one core. ``--real-seconds N``
-   checks that by measuring N seconds at a real 10 s interval (between the two).
+1. **RSS** of a real agent process (the ``meterd`` console script, which checks the
+   configuration and certificates and then becomes the long-running agent process
+   by ``exec``, same pid: ``agent/__main__.py``) shipping over mTLS to a real
+   collector process (embedded SQLite ledger, started as ``tests/harness.py`` starts
+   it), sampled every half second after a warm-up; the figure held against the
+   target is the largest sample. The agent ships to a live collector, not to
+   nothing: the shipper's work (read a batch, the gRPC call, delete on ack, status
+   writes) is part of what the agent costs its host. ``--meterd`` runs another
+   installation's console script (the Debian package's, or a virtualenv with only
+   the runtime dependencies) instead of this virtualenv's.
+2. **CPU at a real 10 s interval**, host metrics plus 20 cgroups of a fake cgroupfs
+   tree laid out as the kernel lays it out (``[cgroups] root/patterns`` point at
+   it), shipping at its default cadence (``[shipping] interval_seconds``), measured
+   directly for ``--real-seconds`` (default 120 s: 12 cycles, 2 shipments). Then,
+   for a per-cycle figure that a short run can measure precisely, the agent samples
+   at a short interval (0.25 s) for many cycles, shipping every ``10 s / 0.25 s``
+   times faster too, so a cycle carries the same share of a shipment as at 10 s;
+   then SIGHUP makes it sample hourly and its idle CPU rate is measured. CPU at a
+   10 s interval, extrapolated, is ``cpu_per_cycle / 10 s + idle_rate``, as % of
+   one core.
 3. **Spool throughput**: records written and committed per second through
    ``Spool.append`` (each call one transaction with the sampler state, as the agent
    calls it once per cycle), next to raw ``sqlite3`` inserts of the same rows into the
@@ -27,7 +35,7 @@ In one run it prints:
    transaction, in the same run, alternating; printed as a ratio.
 4. If ``prometheus-node-exporter`` is installed, the same RSS and CPU figures for it
    (run by hand on a free loopback port, scraped at the same short interval, then
-   idle), and ours as ratios to it.
+   idle, then every 10 s for ``--real-seconds``), and ours as ratios to it.
 """
 
 from __future__ import annotations
@@ -50,6 +58,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+from agent.config import AgentConfig
 from bench.support import (
     machine,
     make_pki,
@@ -140,13 +149,17 @@ def collector_toml(workdir: Path, pki_dir: Path) -> Path:
 
 
 def agent_toml(path: Path, *, port: int, interval: str, pki_dir: Path, cgroup_root: Path,
-               patterns: Sequence[str]) -> Path:
+               patterns: Sequence[str], ship_interval: str | None = None) -> Path:
+    """The agent's configuration; the shipping cadence is the default unless given."""
+    shipping = ""
+    if ship_interval is not None:
+        shipping = f'\n[shipping]\ninterval_seconds = "{ship_interval}"\n'
     path.write_text(f"""\
 collector = "127.0.0.1:{port}"
 server_name = "localhost"
 interval_seconds = "{interval}"
 spool_path = "spool.db"
-
+{shipping}
 [tls]
 cert = "{pki_dir}/agents/{HOST}.pem"
 key = "{pki_dir}/agents/{HOST}.key"
@@ -257,48 +270,62 @@ def bench_agent(args: argparse.Namespace, workdir: Path, pki_dir: Path, cgroup_r
     agent_dir.mkdir()
     config = agent_dir / "agent.toml"
 
-    def configure(interval: str) -> None:
-        agent_toml(config, port=collector.grpc_port, interval=interval, pki_dir=pki_dir,
-                   cgroup_root=cgroup_root, patterns=patterns)
+    def configure(interval: float, ship_interval: str | None = None) -> None:
+        agent_toml(config, port=collector.grpc_port, interval=f"{interval:g}", pki_dir=pki_dir,
+                   cgroup_root=cgroup_root, patterns=patterns, ship_interval=ship_interval)
 
-    configure(str(args.interval))
-    log = (agent_dir / "agent.log").open("wb")
-    agent = subprocess.Popen([meterd_exe(), "agent", "run", "--config", str(config)],
-                             cwd=agent_dir, stdout=log, stderr=log)
-    try:
-        spool = agent_dir / "spool.db"
+    def reconfigure(interval: float, ship_interval: str | None = None) -> None:
+        """SIGHUP applies a new configuration between cycles (a sleeping agent wakes
+        for it); wait until the agent has taken a sample under it."""
+        configure(interval, ship_interval)
+        seq = read_next_seq(spool)
+        agent.send_signal(signal.SIGHUP)
         deadline = time.monotonic() + 30
+        while read_next_seq(spool) == seq and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)
+
+    real = args.real_seconds > 0
+    configure(TARGET_INTERVAL_S if real else args.interval)
+    log = (agent_dir / "agent.log").open("wb")
+    agent = subprocess.Popen([args.meterd, "agent", "run", "--config", str(config)],
+                             cwd=agent_dir, stdout=log, stderr=log)
+    spool = agent_dir / "spool.db"
+    try:
+        deadline = time.monotonic() + 60
         while not spool.exists() or read_next_seq(spool) == 0:
             if agent.poll() is not None or time.monotonic() > deadline:
                 raise SystemExit(f"agent did not start: {(agent_dir / 'agent.log').read_text()}")
             time.sleep(0.1)
         print(f"  warming up for {args.warmup:g} s ...", flush=True)
         time.sleep(args.warmup)
+        rss: list[int] = []
+        real_percent = real_cycles = None
+        if real:
+            print(f"  measuring at a real {TARGET_INTERVAL_S:g} s interval for "
+                  f"{args.real_seconds:g} s ...", flush=True)
+            seq_a = read_next_seq(spool)
+            window = measure(agent.pid, args.real_seconds)
+            real_records = read_next_seq(spool) - seq_a
+            real_percent = window.cpu_s / window.seconds * 100
+            rss.extend(window.rss)
+        # The short interval ships as many cycles' records per shipment as the default
+        # cadence does at 10 s, so a cycle carries the same share of a shipment.
+        speedup = TARGET_INTERVAL_S / args.interval
+        reconfigure(args.interval, f"{float(AgentConfig().shipping.interval_seconds) / speedup:g}")
         seq0 = read_next_seq(spool)
         busy = measure(agent.pid, args.seconds)
         seq1 = read_next_seq(spool)
         cycles = round(busy.seconds / args.interval)
         per_cycle = (seq1 - seq0) / max(cycles, 1)
-        # A new interval takes effect after the sleep the agent is in: wait it out.
-        pending = args.interval
-        real_percent = real_cycles = None
-        if args.real_seconds > 0:
-            configure(f"{TARGET_INTERVAL_S:g}")
-            agent.send_signal(signal.SIGHUP)
-            time.sleep(pending + 1.0)
-            seq_a = read_next_seq(spool)
-            real = measure(agent.pid, args.real_seconds)
-            real_cycles = (read_next_seq(spool) - seq_a) / max(per_cycle, 1)
-            real_percent = real.cpu_s / real.seconds * 100
-            busy.rss.extend(real.rss)
-            pending = TARGET_INTERVAL_S
-        configure("3600")
-        agent.send_signal(signal.SIGHUP)
-        time.sleep(pending + 1.0)
+        if real:
+            real_cycles = real_records / max(per_cycle, 1)
+        reconfigure(3600)
         seq2 = read_next_seq(spool)
         idle = measure(agent.pid, args.idle_seconds)
         if read_next_seq(spool) != seq2:
             print("  warning: the agent sampled during the idle window", file=sys.stderr)
+        busy.rss.extend(rss)
         uss = uss_bytes(agent.pid)
         status = stop_process(agent)
     finally:
@@ -309,18 +336,27 @@ def bench_agent(args: argparse.Namespace, workdir: Path, pki_dir: Path, cgroup_r
                        real_cycles, status)
 
 
-def import_floor() -> int:
-    """RSS of a Python process that has only imported the agent's code: the floor under
-    any agent, before it samples, spools or ships anything."""
+def interpreter_of(meterd: str) -> str:
+    """The Python interpreter of the installation that ``meterd`` belongs to."""
+    beside = Path(meterd).parent / "python3"
+    return str(beside) if beside.exists() else sys.executable
+
+
+def import_floor(python: str) -> int:
+    """RSS of a Python process that has imported what the long-running agent process
+    imports (``agent/__main__.py``), and nothing else: the floor under any agent,
+    before it samples, spools or ships anything."""
     code = (
-        "from common.tls import restrict_grpc_to_tls13\n"
-        "restrict_grpc_to_tls13()\n"
-        "import agent.daemon, agent.cli\n"
-        "import psutil\n"
-        "print(psutil.Process().memory_info().rss)\n"
+        "import agent.__main__ as entry\n"
+        "entry.load_runtime()\n"
+        "import common.logs\n"
+        "import re\n"
+        "status = open('/proc/self/status').read()\n"
+        "print(int(re.search(r'VmRSS:\\s+(\\d+)', status).group(1)) * 1024)\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         check=True, timeout=60)
+    env = {**os.environ, "GRPC_SSL_CIPHER_SUITES": "PSK-AES128-CBC-SHA"}
+    out = subprocess.run([python, "-P", "-c", code], capture_output=True, text=True,
+                         check=True, timeout=60, env=env, cwd="/")
     return int(out.stdout.strip())
 
 
@@ -489,8 +525,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="seconds at the short interval (default 30)")
     parser.add_argument("--idle-seconds", type=float, default=20.0,
                         help="seconds measuring idle CPU (default 20)")
-    parser.add_argument("--real-seconds", type=float, default=0.0,
-                        help="also measure at a real 10 s interval for this long (default off)")
+    parser.add_argument("--real-seconds", type=float, default=120.0,
+                        help="seconds measured at a real 10 s interval (default 120; 0: skip)")
+    parser.add_argument("--meterd", default=None,
+                        help="the meterd console script to run (default: this virtualenv's)")
     parser.add_argument("--spool-records", type=int, default=20_000,
                         help="records per round and batch size in the spool benchmark")
     parser.add_argument("--spool-rounds", type=int, default=3, help="alternating rounds")
@@ -499,6 +537,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     interval = float(args.interval)
     args.interval = interval
+    args.meterd = args.meterd or meterd_exe()
 
     workdir = Path(tempfile.mkdtemp(prefix="meterd-agent-bench-"))
     try:
@@ -509,11 +548,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         (workdir / "collector").mkdir()
         cgroup_root = workdir / "cgroup"
         patterns = build_cgroupfs(cgroup_root, args.cgroups)
+        python = interpreter_of(args.meterd)
+        version = subprocess.run([python, "-c", "import sys; print(sys.version.split()[0])"],
+                                 capture_output=True, text=True, check=True).stdout.strip()
+        print(f"agent: {args.meterd} (Python {version})")
+        real = (f"{TARGET_INTERVAL_S:g} s interval for {args.real_seconds:g} s, then "
+                if args.real_seconds > 0 else "")
         print(f"\n[1/4] real agent process (meterd agent run) -> real collector process, "
-              f"host metrics + {args.cgroups} cgroups, {interval:g} s interval for "
+              f"host metrics + {args.cgroups} cgroups, {real}{interval:g} s interval for "
               f"{args.seconds:g} s, then idle {args.idle_seconds:g} s")
         agent = bench_agent(args, workdir, pki_dir, cgroup_root, patterns)
-        floor = import_floor()
+        floor = import_floor(python)
         print("\n[2/4] in-process breakdown of one cycle (same configuration)")
         sample_ms, append_ms, template, state = breakdown(workdir / "agent" / "agent.toml", 40)
         print(f"\n[3/4] spool throughput vs raw sqlite3 ({args.spool_rounds} alternating rounds)")
@@ -534,22 +579,20 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"{'' if agent.uss is None else f', USS {mib(agent.uss)}'}   "
               f"[target <= {mib(TARGET_RSS)}: {verdict(c.rss_max <= TARGET_RSS)}]")
         print(f"  import floor                 {mib(floor)} (a Python process that has "
-              "only imported agent.daemon: interpreter, grpc, cryptography, structlog, ...)")
+              "only imported what the agent process imports: interpreter, grpc, ...)")
+        if agent.real_percent is not None and agent.real_cycles is not None:
+            print(f"agent CPU at a real 10 s interval  {agent.real_percent:.3f}% of one core "
+                  f"over {args.real_seconds:g} s ({agent.real_cycles:.0f} cycles)   "
+                  f"[target <= {TARGET_CPU_PERCENT}%: "
+                  f"{verdict(agent.real_percent <= TARGET_CPU_PERCENT)}]")
         print(f"agent CPU per sampling cycle   {c.per_event_ms:.2f} ms "
               f"({c.events} cycles, {agent.records_per_cycle:.0f} records per cycle, "
-              f"sampling + spooling + shipping)")
+              f"sampling + spooling + its share of shipping)")
         print(f"  of which in-process          sample {sample_ms:.2f} ms, "
               f"spool append {append_ms:.2f} ms (the rest is shipping and the event loop)")
         print(f"agent idle CPU                 {c.idle_percent:.4f}% of one core")
-        print(f"agent CPU at a 10 s interval   {c.at_target_percent:.3f}% of one core "
-              f"(= {c.per_event_ms:.2f} ms / 10 s + idle)   "
-              f"[target <= {TARGET_CPU_PERCENT}%: "
-              f"{verdict(c.at_target_percent <= TARGET_CPU_PERCENT)}]")
-        if agent.real_percent is not None and agent.real_cycles is not None:
-            print(f"  measured at a real 10 s interval over {args.real_seconds:g} s "
-                  f"({agent.real_cycles:.0f} cycles): {agent.real_percent:.3f}%   "
-                  f"[target <= {TARGET_CPU_PERCENT}%: "
-                  f"{verdict(agent.real_percent <= TARGET_CPU_PERCENT)}]")
+        print(f"agent CPU at 10 s, extrapolated {c.at_target_percent:.3f}% of one core "
+              f"(= {c.per_event_ms:.2f} ms / 10 s + idle)")
         for size, ours, raw in spool:
             ratio = ours / raw
             print(f"spool append, {size:>4} rec/txn   {ours:,.0f} records/s vs raw sqlite3 "

@@ -24,7 +24,8 @@ def test_distinct_filesystems_are_all_kept() -> None:
 def test_this_machine_reports_each_filesystem_once() -> None:
     import os
 
-    readings = PsutilSource()._disk_space()
-    devices = [os.stat(dict(series.labels)["mount"]).st_dev for series in readings]
+    gauges, held = PsutilSource()._disk_space()
+    assert not held
+    devices = [os.stat(dict(series.labels)["mount"]).st_dev for series in gauges]
     assert devices
     assert len(devices) == len(set(devices))

@@ -56,6 +56,14 @@ async def test_a_rejected_record_is_dead_lettered_shown_in_status_and_requeued(
             [letter] = spool.dead_letters()
             assert letter.record.id == bad.id
             assert "after the collector's clock" in letter.reason
+            # The next call tells the collector how many dead letters the agent holds.
+            spool.append(samples("host-a", 4, 5)[3:])
+            ch = channel(pki_dir, "host-a", collector.target)
+            try:
+                await Shipper(spool, ch, ShipperSettings(), "test").drain()
+            finally:
+                await ch.close()
+        assert collector.get("/v1/fleet/agents/host-a")["dead_letters"] == 1
         status = meterd("agent", "status", "--config", str(config), "--json")
         assert status.returncode == 0, status.stderr
         report = json.loads(status.stdout)
