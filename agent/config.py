@@ -96,6 +96,8 @@ def load_agent_config(path: Path) -> LoadedAgentConfig:
     source = str(path)
     if raw.interval_seconds < Decimal("0.1"):
         raise ConfigError(source, "interval_seconds", "must be at least 0.1 seconds")
+    if str(raw.spool_path) in ("", "."):  # Path("") is the configuration's own folder
+        raise ConfigError(source, "spool_path", "must name the spool's file, not a folder")
     if raw.spool_max_bytes < 1024 * 1024:
         raise ConfigError(source, "spool_max_bytes", "must be at least 1048576 (1 MiB)")
     host, sep, port = raw.collector.rpartition(":")

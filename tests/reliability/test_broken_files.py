@@ -30,8 +30,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
-
 from tests.harness import ROOT
 from tests.ledger.helpers import TARIFF
 from tests.reliability.faults import SOAK, AgentProcess, collector_config, free_port
@@ -93,13 +91,7 @@ def damaged(text: str, case: Case) -> str:
     return "\n".join(lines) + "\n"
 
 
-# Cases that show a known bug, each proven by its own test below (strict xfail), so a
-# seed that draws one does not hide the other cases' verdicts.
-KNOWN_BUGS = {("spool_path", "empty")}
-
-
 def pick(cases: Sequence[Case], rng: random.Random) -> list[Case]:
-    cases = [c for c in cases if (c.key, c.damage) not in KNOWN_BUGS]
     if not CASES:
         return list(cases)
     return rng.sample(list(cases), min(CASES, len(cases)))
@@ -262,10 +254,6 @@ def test_broken_agent_configuration(tmp_path: Path, rel_pki: Path, rng: random.R
     run_all(jobs)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "known bug: an empty agent spool_path resolves to the configuration's folder and "
-    "`meterd agent run` dies with a traceback (sqlite3.OperationalError from "
-    "agent/spool.py Spool.__init__) instead of naming spool_path"))
 def test_an_empty_spool_path_is_named(tmp_path: Path, rel_pki: Path, rng: random.Random) -> None:
     template = AgentProcess(tmp_path / "template", rel_pki, "host-a", free_port(), rng)
     text = template.config.read_text()
