@@ -69,6 +69,9 @@ find "$venv" -type f -name '*.so*' -exec strip --strip-unneeded \
 find "$venv" -depth -type d -name __pycache__ -exec rm -rf {} +
 rm -rf "$venv/include"
 find "$venv/lib" -type f -exec chmod 0644 {} +
+# Bundled modules are imported, never run: blank their "#!" lines (keeping line
+# numbers for tracebacks) so none claims to be a script with an odd interpreter.
+find "$venv/lib" -type f -name '*.py' -exec sed -i '1s/^#!.*$//' {} +
 
 gen() { "$venv/bin/python" -I -B "$here/generate.py" "$@"; }
 version=$("$venv/bin/python" -I -B -c 'import importlib.metadata as m; print(m.version("meterd"))')
