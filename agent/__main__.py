@@ -9,28 +9,19 @@ checks found. A fresh interpreter imports only what sampling, spooling and shipp
 need: not ``cryptography`` (only the checks use it), not the other ``meterd``
 command groups (the console script loads every one to build its parser), not
 ``rich`` (an optional import of structlog's console renderer; the agent logs JSON).
-That is what keeps the agent's resident memory small; see docs/benchmarks.md.
-
-gRPC reads its TLS 1.2 cipher list once, when it is imported: ``meterd`` has already
-set it so that only TLS 1.3 can be negotiated
-(:func:`common.tls.restrict_grpc_to_tls13`), and the process inherits the setting
-through ``exec``. This entry point refuses to start without it, so it cannot talk
-TLS 1.2 even when started by hand.
+That is what keeps the agent's resident memory small; see docs/benchmarks.md. The
+process talks to the collector through :mod:`agent.transport` (``grpclib`` over the
+standard ``ssl`` module, TLS 1.3 only), so it never loads ``grpcio``'s C core either.
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import ModuleType
 
-# The variable and value common.tls.restrict_grpc_to_tls13 sets (importing common.tls
-# here would load cryptography for two strings; a test keeps them equal).
-GRPC_CIPHER_SUITES_VARIABLE = "GRPC_SSL_CIPHER_SUITES"
-UNNEGOTIABLE_TLS12_SUITE = "PSK-AES128-CBC-SHA"
 # Optional imports of libraries the agent imports that it never uses: blocked, so
 # they are not loaded when installed (rich arrives with development tools).
 UNUSED_OPTIONAL_IMPORTS = ("rich",)
@@ -90,10 +81,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if options is None:
         print(USAGE, file=sys.stderr)
         return 2
-    if os.environ.get(GRPC_CIPHER_SUITES_VARIABLE) != UNNEGOTIABLE_TLS12_SUITE:
-        print("meterd agent: error: start the agent with `meterd agent run`: gRPC would "
-              "otherwise be free to negotiate TLS 1.2", file=sys.stderr)
-        return 1
     daemon = load_runtime()
     from common import logs
     from common.errors import MeterdError

@@ -41,6 +41,7 @@ from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from agent.config import LoadedAgentConfig, load_agent_config
+from agent.transport import split_target
 from common.errors import MeterdError, SecurityError
 from common.pki import check_private_key_file, host_id_from_certificate, load_certificate
 from common.tls import client_ssl_context
@@ -291,15 +292,10 @@ def _spool_writable(spool: Path) -> str:
     return f"{spool} can be written"
 
 
-def _split_address(address: str) -> tuple[str, int]:
-    host, _, port = address.rpartition(":")
-    return host.strip("[]"), int(port)
-
-
 def _collector_answers(
     cfg: LoadedAgentConfig, key: Path, cert: Path, ca: Path, timeout: float
 ) -> str:
-    host, port = _split_address(cfg.raw.collector)
+    host, port = split_target(cfg.raw.collector)
     name = cfg.raw.server_name or host
     try:
         context = client_ssl_context(ca, cert, key)

@@ -54,11 +54,9 @@ def _run(args: argparse.Namespace) -> int:
     from agent.__main__ import exec_argv, exec_environment
     from agent.identity import check_identity
     from common.cli import meterd_version
-    from common.tls import restrict_grpc_to_tls13
 
     cfg = load_agent_config(args.config)
     host_id = check_identity(cfg)
-    restrict_grpc_to_tls13()  # inherited through exec; the agent process checks it
     argv = exec_argv(args.config, host_id, meterd_version(), args.log_level)
     sys.stdout.flush()
     sys.stderr.flush()

@@ -14,13 +14,11 @@ next time.
 Shipping cadence. Records are durable once spooled, so they need not leave at once:
 the sampling loop wakes the shipper for the first records after start, then every
 ``[shipping] interval_seconds`` (default 60; 0 ships after every sample), and at once
-when a full batch (``batch_max_records``) is waiting. Each shipping round opens a
-channel to the collector, ships until the spool is empty (retrying with backoff
-while the collector is away) and closes it. With no channel open gRPC stops its
-background threads; an open, idle channel kept them waking about twenty times a
-second, which cost the agent more CPU than sampling at a 10 s interval. A round of
-one call, new connection and TLS handshake included, costs about 5 ms of CPU; once
-a minute that is far less than the idle channel it replaces (docs/benchmarks.md).
+when a full batch (``batch_max_records``) is waiting. Each shipping round ships until
+the spool is empty, retrying with backoff while the collector is away, over one
+connection (:mod:`agent.transport`) that stays open between rounds: idle, it costs
+no CPU (no thread, no timer), and one that broke, or went silent past a call's
+deadline, is dropped and replaced at the next call.
 """
 
 from __future__ import annotations
@@ -30,18 +28,16 @@ import contextlib
 import os
 import signal
 import time
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import grpc
 
 from agent.cgroups import CgroupSource
 from agent.config import LoadedAgentConfig, load_agent_config
 from agent.sampler import NameFilter, NvmlSource, PsutilSource, Sampler, Source
 from agent.shipper import Shipper, ShipperSettings
 from agent.spool import Spool
+from agent.transport import CollectorLink
 from common import logs
 from common.errors import MeterdError
 from common.sdnotify import Notifier
@@ -86,30 +82,17 @@ def shipper_settings(cfg: LoadedAgentConfig) -> ShipperSettings:
     )
 
 
-def open_channel(cfg: LoadedAgentConfig) -> grpc.aio.Channel:
-    """A channel to the collector with the agent's certificate, trusting only the CA.
+def open_link(cfg: LoadedAgentConfig) -> CollectorLink:
+    """A connection to the collector with the agent's certificate, trusting only the CA.
 
     The files are read as they are: :func:`agent.identity.check_identity` has checked
     them before (and needs ``cryptography`` to, which this process does not load).
     """
     tls = cfg.raw.tls
-    credentials = grpc.ssl_channel_credentials(
-        root_certificates=cfg.path(tls.ca).read_bytes(),
-        private_key=cfg.path(tls.key).read_bytes(),
-        certificate_chain=cfg.path(tls.cert).read_bytes(),
+    return CollectorLink.open(
+        cfg.raw.collector, ca=cfg.path(tls.ca), cert=cfg.path(tls.cert),
+        key=cfg.path(tls.key), server_name=cfg.raw.server_name,
     )
-    shipping = cfg.raw.shipping
-    # gRPC reconnects on its own schedule (up to 120 s by default); keep it within the
-    # shipper's own backoff so a returning collector is found as soon as we retry.
-    options: list[tuple[str, object]] = [
-        ("grpc.max_send_message_length", 16 * 1024 * 1024),
-        ("grpc.initial_reconnect_backoff_ms", int(shipping.backoff_initial_seconds * 1000)),
-        ("grpc.min_reconnect_backoff_ms", int(shipping.backoff_initial_seconds * 1000)),
-        ("grpc.max_reconnect_backoff_ms", int(shipping.backoff_max_seconds * 1000)),
-    ]
-    if cfg.raw.server_name:
-        options.append(("grpc.ssl_target_name_override", cfg.raw.server_name))
-    return grpc.aio.secure_channel(cfg.raw.collector, credentials, options=options)
 
 
 def package_version() -> str:
@@ -155,9 +138,7 @@ async def run(
     cfg = load_agent_config(config_path)
     if host_id is None:
         from agent.identity import check_identity
-        from common.tls import restrict_grpc_to_tls13
 
-        restrict_grpc_to_tls13()  # refuses if grpc was imported without it
         host_id = check_identity(cfg)
     spool_path = cfg.path(cfg.raw.spool_path)
     spool_path.parent.mkdir(parents=True, exist_ok=True)
@@ -167,7 +148,11 @@ async def run(
         sampler = build_sampler(cfg, host_id, state)
         agent = AgentState(cfg, host_id, spool, sampler)
         try:
-            return await _serve(agent, lambda: open_channel(cfg), notifier, version=version)
+            link = open_link(cfg)
+            try:
+                return await _serve(agent, link, notifier, version=version)
+            finally:
+                link.close()
         finally:
             agent.sampler.close()
     finally:
@@ -235,51 +220,30 @@ async def _sampling_loop(agent: AgentState, stop: asyncio.Event) -> None:
         agent.interrupt.clear()
 
 
-ChannelFactory = Callable[[], grpc.aio.Channel]
+async def _ship_round(agent: AgentState, link: CollectorLink, version: str) -> int:
+    """Ship until the spool is empty (retrying with backoff); the records answered."""
+    shipper = Shipper(agent.spool, link, shipper_settings(agent.config), version)
+    return await shipper.drain()
 
 
-async def _ship_round(
-    agent: AgentState, channel: grpc.aio.Channel | ChannelFactory, version: str
-) -> int:
-    """Ship until the spool is empty (retrying with backoff); the records answered.
-
-    Given a factory, the round opens its own channel and closes it when done: with no
-    channel open, gRPC stops its background threads, which would otherwise wake about
-    twenty times a second for nothing between shipments. A channel given as such is
-    used as it is and left open.
-    """
-    if isinstance(channel, grpc.aio.Channel):
-        shipper = Shipper(agent.spool, channel, shipper_settings(agent.config), version)
-        return await shipper.drain()
-    owned = channel()
-    try:
-        shipper = Shipper(agent.spool, owned, shipper_settings(agent.config), version)
-        return await shipper.drain()
-    finally:
-        await owned.close(grace=None)
-
-
-async def _shipping_loop(
-    agent: AgentState, channel: grpc.aio.Channel | ChannelFactory, version: str
-) -> None:
+async def _shipping_loop(agent: AgentState, link: CollectorLink, version: str) -> None:
     """Ship what is spooled, then wait until the sampling loop says records are due."""
     while True:
-        await _ship_round(agent, channel, version)
+        await _ship_round(agent, link, version)
         await agent.wake.wait()
         agent.wake.clear()
 
 
 async def _serve(
     agent: AgentState,
-    channel: grpc.aio.Channel | ChannelFactory,
+    link: CollectorLink,
     notifier: Notifier | None = None,
     *,
     version: str | None = None,
 ) -> int:
     """Sample and ship until SIGTERM or SIGINT, then take a final sample and flush.
 
-    ``channel`` is a channel to the collector, or a factory that opens one for each
-    shipping round (:func:`_ship_round`).
+    ``link`` is the connection to the collector; the caller closes it.
     """
     if notifier is None:
         notifier = Notifier()  # run outside a service manager: notifications are no-ops
@@ -299,7 +263,7 @@ async def _serve(
     loop.add_signal_handler(signal.SIGINT, request_stop)
     loop.add_signal_handler(signal.SIGHUP, lambda: _request_reload(agent))
     sampling = asyncio.create_task(_sampling_loop(agent, stop), name="sampling")
-    shipping = asyncio.create_task(_shipping_loop(agent, channel, version), name="shipping")
+    shipping = asyncio.create_task(_shipping_loop(agent, link, version), name="shipping")
     log.info("agent_started", host=agent.host_id, collector=agent.config.raw.collector,
              interval_s=str(agent.config.raw.interval_seconds))
     notifier.ready(f"metering host {agent.host_id}, shipping to {agent.config.raw.collector}")
@@ -328,7 +292,7 @@ async def _serve(
     final = await _sample_once(agent)
     flush = float(agent.config.raw.shipping.final_flush_seconds)
     try:
-        shipped = await asyncio.wait_for(_ship_round(agent, channel, version), timeout=flush)
+        shipped = await asyncio.wait_for(_ship_round(agent, link, version), timeout=flush)
     except TimeoutError:
         shipped = -1
     stats = await asyncio.to_thread(agent.spool.stats)

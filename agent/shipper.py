@@ -15,9 +15,7 @@ import asyncio
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
-import grpc
 from tenacity import (
     AsyncRetrying,
     RetryCallState,
@@ -27,22 +25,22 @@ from tenacity import (
 )
 
 from agent.spool import Spool
+from agent.transport import CollectorLink, PushFailed
 from common import logs
 from common.proto import meterd_pb2 as pb
-from common.proto import meterd_pb2_grpc as pb_grpc
 from common.wire import to_proto
 
 log = logs.get("agent.shipper")
 
 RETRYABLE = frozenset(
     {
-        grpc.StatusCode.UNAVAILABLE,
-        grpc.StatusCode.DEADLINE_EXCEEDED,
-        grpc.StatusCode.RESOURCE_EXHAUSTED,
-        grpc.StatusCode.ABORTED,
-        grpc.StatusCode.INTERNAL,
-        grpc.StatusCode.UNKNOWN,
-        grpc.StatusCode.CANCELLED,
+        "UNAVAILABLE",
+        "DEADLINE_EXCEEDED",
+        "RESOURCE_EXHAUSTED",
+        "ABORTED",
+        "INTERNAL",
+        "UNKNOWN",
+        "CANCELLED",
     }
 )
 
@@ -78,13 +76,13 @@ class Shipper:
     def __init__(
         self,
         spool: Spool,
-        channel: grpc.aio.Channel,
+        link: CollectorLink,
         settings: ShipperSettings,
         version: str,
         clock_us: Callable[[], int] = lambda: time.time_ns() // 1000,
     ) -> None:
         self._spool = spool
-        self._stub = pb_grpc.IngestStub(channel)  # type: ignore[no-untyped-call]
+        self._link = link
         self._settings = settings
         self._version = version
         self._clock_us = clock_us
@@ -117,16 +115,14 @@ class Shipper:
             retired_seqs=[pb.SeqRange(first=first, last=last) for _, first, last in retired],
         )
         try:
-            response: pb.PushResponse = await self._stub.Push(request, timeout=s.deadline_seconds)
-        except grpc.aio.AioRpcError as exc:
+            response = await self._link.push(request, s.deadline_seconds)
+        except PushFailed as exc:
             # The rows stay marked in flight: after a deadline the collector may have
             # committed them, so they are resent with the same ids (never compacted).
-            code = exc.code()
-            retry_after = _retry_after(exc)
-            message = f"{code.name}: {exc.details()}"
+            message = str(exc)
             await asyncio.to_thread(self._spool.set_meta, "last_error", message)
-            if code in RETRYABLE:
-                raise ShipFailed(message, retry_after) from None
+            if exc.code in RETRYABLE:
+                raise ShipFailed(message, exc.retry_after) from None
             # Anything else (a certificate refused, a bug) is not fixed by waiting less.
             raise ShipFailed(message, s.backoff_max_seconds) from None
         if retired:
@@ -193,13 +189,3 @@ class Shipper:
             reraise=True,
         )
 
-
-def _retry_after(exc: grpc.aio.AioRpcError) -> float:
-    metadata: Any = exc.trailing_metadata() or ()
-    for key, value in metadata:
-        if key == "retry-after-ms":
-            try:
-                return max(int(value), 0) / 1000
-            except ValueError:
-                return 0.0
-    return 0.0

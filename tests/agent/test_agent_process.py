@@ -16,7 +16,6 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import grpc
 import pytest
 
 import agent.__main__ as entry
@@ -24,7 +23,6 @@ from agent import daemon
 from agent.config import load_agent_config
 from agent.sampler import FixedSource, Sampler
 from agent.spool import Spool
-from common import tls
 from tests.harness import ROOT
 
 UNREACHABLE = "127.0.0.1:9"  # discard port: nothing answers, the shipper keeps retrying
@@ -71,7 +69,7 @@ def test_the_agent_process_keeps_its_pid_and_loads_no_startup_only_library(
         assert argv[1:4] == [b"-P", b"-m", b"agent"]
         assert argv[argv.index(b"--host-id") + 1] == b"host-a"
         maps = Path(f"/proc/{proc.pid}/maps").read_text()
-        assert "cygrpc" in maps
+        assert "cygrpc" not in maps  # grpcio is the collector's; the agent speaks grpclib
         assert "cryptography" not in maps
         environ = Path(f"/proc/{proc.pid}/environ").read_bytes().split(b"\0")
         assert b"MALLOC_ARENA_MAX=2" in environ
@@ -95,21 +93,10 @@ def test_the_agent_process_imports_what_it_runs_and_nothing_else() -> None:
     out = subprocess.run([sys.executable, "-P", "-c", code], capture_output=True, text=True,
                          check=True, env=python_env(), cwd="/")
     loaded = {name.partition(".")[0] for name in json.loads(out.stdout)}
-    assert {"grpc", "psutil", "sqlite3", "structlog"} <= loaded
-    # rich is installed with the development tools: structlog would import it.
-    assert not loaded & {"cryptography", "rich", "collector", "argparse"}
-
-
-def test_the_agent_process_refuses_to_start_where_grpc_could_use_tls12(
-    tmp_path: Path,
-) -> None:
-    argv = entry.exec_argv(tmp_path / "agent.toml", "host-a", "1.0", "info")
-    result = subprocess.run(argv, capture_output=True, text=True, cwd=tmp_path,
-                            env=python_env(GRPC_SSL_CIPHER_SUITES=None))
-    assert result.returncode == 1
-    assert "meterd agent run" in result.stderr
-    assert "TLS 1.2" in result.stderr
-    assert not (tmp_path / "spool.db").exists()
+    assert {"grpclib", "h2", "ssl", "psutil", "sqlite3", "structlog"} <= loaded
+    # grpcio's C core is the collector's; rich is installed with the development tools
+    # (structlog would import it).
+    assert not loaded & {"grpc", "cryptography", "rich", "collector", "argparse"}
 
 
 def test_the_agent_process_takes_exactly_its_four_options(tmp_path: Path) -> None:
@@ -125,11 +112,6 @@ def test_the_agent_process_takes_exactly_its_four_options(tmp_path: Path) -> Non
                             capture_output=True, text=True, env=python_env())
     assert result.returncode == 2
     assert result.stderr.startswith("usage: python -m agent")
-
-
-def test_the_tls_setting_it_checks_is_the_one_meterd_makes() -> None:
-    assert entry.GRPC_CIPHER_SUITES_VARIABLE == tls.GRPC_CIPHER_SUITES_VARIABLE
-    assert entry.UNNEGOTIABLE_TLS12_SUITE == tls.UNNEGOTIABLE_TLS12_SUITE
 
 
 def test_two_malloc_arenas_unless_the_operator_chose() -> None:
@@ -201,23 +183,3 @@ def test_the_shipping_interval_cannot_be_negative(tmp_path: Path, pki_dir: Path)
 
     with pytest.raises(ConfigError, match=r"shipping\.interval_seconds"):
         load_agent_config(write_config(tmp_path, pki_dir, '[shipping]\ninterval_seconds = "-1"'))
-
-
-async def test_a_round_closes_the_channel_it_opened_and_keeps_one_it_was_given(
-    agent_state: daemon.AgentState,
-) -> None:
-    opened: list[grpc.aio.Channel] = []
-
-    def connect() -> grpc.aio.Channel:
-        opened.append(grpc.aio.insecure_channel(UNREACHABLE))
-        return opened[-1]
-
-    assert await daemon._ship_round(agent_state, connect, "test") == 0  # empty spool
-    [channel] = opened
-    assert channel.get_state() == grpc.ChannelConnectivity.SHUTDOWN
-    given = grpc.aio.insecure_channel(UNREACHABLE)
-    try:
-        assert await daemon._ship_round(agent_state, given, "test") == 0
-        assert given.get_state() != grpc.ChannelConnectivity.SHUTDOWN
-    finally:
-        await given.close()

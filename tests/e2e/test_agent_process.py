@@ -15,7 +15,7 @@ from agent.shipper import Shipper, ShipperSettings
 from agent.spool import Spool
 from common.ids import new_id
 from common.records import UsageRecord
-from tests.e2e.test_end_to_end import channel, samples
+from tests.e2e.test_end_to_end import link, samples
 from tests.harness import ROOT, CollectorProcess, collector_config, meterd
 
 
@@ -48,21 +48,21 @@ async def test_a_rejected_record_is_dead_lettered_shown_in_status_and_requeued(
         )
         with Spool(tmp_path / "spool.db") as spool:
             spool.append([*samples("host-a", 3, 5), bad])
-            ch = channel(pki_dir, "host-a", collector.target)
+            ch = link(pki_dir, "host-a", collector.target)
             try:
                 await Shipper(spool, ch, ShipperSettings(), "test").drain()
             finally:
-                await ch.close()
+                ch.close()
             [letter] = spool.dead_letters()
             assert letter.record.id == bad.id
             assert "after the collector's clock" in letter.reason
             # The next call tells the collector how many dead letters the agent holds.
             spool.append(samples("host-a", 4, 5)[3:])
-            ch = channel(pki_dir, "host-a", collector.target)
+            ch = link(pki_dir, "host-a", collector.target)
             try:
                 await Shipper(spool, ch, ShipperSettings(), "test").drain()
             finally:
-                await ch.close()
+                ch.close()
         assert collector.get("/v1/fleet/agents/host-a")["dead_letters"] == 1
         status = meterd("agent", "status", "--config", str(config), "--json")
         assert status.returncode == 0, status.stderr

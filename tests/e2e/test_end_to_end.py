@@ -13,6 +13,7 @@ import pytest
 
 from agent.shipper import Shipper, ShipperSettings
 from agent.spool import Spool
+from agent.transport import CollectorLink
 from common.ids import new_id
 from common.proto import meterd_pb2 as pb
 from common.proto import meterd_pb2_grpc as pb_grpc
@@ -31,6 +32,14 @@ def channel(pki: Path, host: str, target: str) -> grpc.aio.Channel:
         pki / "agents" / f"{host}.pem", pki / "agents" / f"{host}.key", pki / "ca.pem"
     )
     return grpc.aio.secure_channel(target, creds)
+
+
+def link(pki: Path, host: str, target: str) -> CollectorLink:
+    """The agent's own connection to the collector, as ``host``."""
+    return CollectorLink.open(
+        target, ca=pki / "ca.pem", cert=pki / "agents" / f"{host}.pem",
+        key=pki / "agents" / f"{host}.key", server_name="localhost",
+    )
 
 
 def samples(host: str, count: int, seed: int) -> list[UsageRecord]:
@@ -80,12 +89,12 @@ async def test_samples_reach_the_ledger_exactly_once(
     records = samples("host-a", 500, seed=7)
     spool = Spool(tmp_path / "spool.db")
     spool.append(records)
-    ch = channel(pki_dir, "host-a", collector.target)
+    ch = link(pki_dir, "host-a", collector.target)
     try:
         shipper = Shipper(spool, ch, ShipperSettings(batch_max_records=64), "test")
         assert await shipper.drain() == 500
     finally:
-        await ch.close()
+        ch.close()
     assert spool.stats().records == 0
     spool.close()
     report = collector.get("/v1/accounts/acme/usage")

@@ -14,13 +14,11 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-import grpc
-
 from agent.shipper import Shipper, ShipperSettings
 from agent.spool import Spool
 from common.ids import new_id
 from common.records import UsageRecord
-from common.tls import grpc_channel_credentials
+from tests.e2e.test_end_to_end import link
 from tests.harness import CollectorProcess, collector_config, meterd
 
 SERIES = ("net.tx_bytes", "net.rx_bytes", "disk.read_bytes", "cpu.seconds")
@@ -44,14 +42,11 @@ def cycles(first_seq: int, count: int, start_us: int) -> list[list[UsageRecord]]
 
 
 async def ship(spool: Spool, pki: Path, target: str) -> None:
-    creds = grpc_channel_credentials(
-        pki / "agents" / "host-a.pem", pki / "agents" / "host-a.key", pki / "ca.pem"
-    )
-    channel = grpc.aio.secure_channel(target, creds)
+    channel = link(pki, "host-a", target)
     try:
         await Shipper(spool, channel, ShipperSettings(batch_max_records=50), "test").drain()
     finally:
-        await channel.close()
+        channel.close()
 
 
 def gaps(config: Path) -> tuple[int, dict[str, Any]]:

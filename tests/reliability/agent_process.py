@@ -50,7 +50,6 @@ from common import logs
 from common.pki import check_private_key_file, host_id_from_certificate
 from common.proto import meterd_pb2 as pb
 from common.records import UsageRecord
-from common.tls import restrict_grpc_to_tls13
 from common.wire import to_proto
 
 
@@ -125,7 +124,6 @@ async def run(
     batch_log: Path | None = None,
 ) -> int:
     """:func:`agent.daemon.run`, with the counter-file source instead of psutil."""
-    restrict_grpc_to_tls13()
     cfg = load_agent_config(config_path)
     tls = cfg.raw.tls
     check_private_key_file(cfg.path(tls.key))
@@ -146,11 +144,11 @@ async def run(
             state=state,
         )
         agent = daemon.AgentState(cfg, host_id, spool, sampler)
-        channel = daemon.open_channel(cfg)
+        link = daemon.open_link(cfg)
         try:
-            return await daemon._serve(agent, channel, **_serve_extras())
+            return await daemon._serve(agent, link, **_serve_extras())
         finally:
-            await channel.close(grace=None)
+            link.close()
             agent.sampler.close()
     finally:
         await asyncio.to_thread(spool.close)

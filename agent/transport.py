@@ -1,0 +1,147 @@
+"""The agent's connection to the collector: gRPC over mutual TLS 1.3.
+
+The agent speaks gRPC through ``grpclib``, a gRPC client written in Python on the
+``h2`` HTTP/2 library and the standard ``ssl`` module, not through ``grpcio`` (which
+the collector serves with): the wire is the same, while grpcio's C core would cost the
+agent's process about 20 MiB of resident memory at import and its background threads
+a wake-up every 50 ms while a channel is open (docs/benchmarks.md).
+
+TLS is the standard library's: the context offers TLS 1.3 and nothing older, trusts
+only the configured CA (never the system's store), presents the agent's certificate,
+and checks the collector's certificate against its host name (or ``server_name``).
+
+Every failure of a call becomes a :class:`PushFailed` naming a gRPC status: what the
+collector answered, ``UNAVAILABLE`` when it could not be reached or the connection
+broke, ``DEADLINE_EXCEEDED`` when it did not answer in time, ``UNAUTHENTICATED`` when
+the TLS handshake refused a certificate. The collector's back-pressure answer
+(``RESOURCE_EXHAUSTED`` with a ``retry-after-ms`` trailer) carries its delay.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import ssl
+from pathlib import Path
+
+from grpclib.client import Channel, UnaryUnaryMethod
+from grpclib.config import Configuration
+from grpclib.exceptions import GRPCError, ProtocolError, StreamTerminatedError
+
+from common.proto import meterd_pb2 as pb
+
+PUSH_METHOD = "/meterd.v1.Ingest/Push"
+# Failures raised here, not answered by the collector: the connection is suspect.
+CONNECTION_FAILURES = frozenset({"UNAVAILABLE", "DEADLINE_EXCEEDED", "UNAUTHENTICATED"})
+
+
+class PushFailed(Exception):
+    """A call that was not answered with a :class:`PushResponse`."""
+
+    def __init__(self, code: str, details: str, retry_after: float = 0.0) -> None:
+        super().__init__(f"{code}: {details}")
+        self.code = code  # a gRPC status name, e.g. "UNAVAILABLE"
+        self.details = details
+        self.retry_after = retry_after  # seconds the collector asked us to wait, or 0
+
+
+def client_context(ca: Path, cert: Path, key: Path) -> ssl.SSLContext:
+    """TLS 1.3 only, trusting only ``ca``, presenting ``cert`` with ``key``, HTTP/2."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # verifies the peer and its name
+    context.minimum_version = ssl.TLSVersion.TLSv1_3
+    context.load_verify_locations(cafile=str(ca))
+    context.load_cert_chain(str(cert), str(key))
+    context.set_alpn_protocols(["h2"])
+    return context
+
+
+def split_target(target: str) -> tuple[str, int]:
+    """``host:port`` (``[v6 address]:port`` too) as a host and a port number."""
+    host, sep, port = target.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ValueError(f"expected host:port, got {target!r}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    return host, int(port)
+
+
+class CollectorLink:
+    """An HTTP/2 connection to the collector, opened by the first call and kept."""
+
+    def __init__(self, target: str, context: ssl.SSLContext, server_name: str = "") -> None:
+        host, port = split_target(target)
+        self.target = target
+        self.closed = False
+        self._channel = Channel(
+            host, port, ssl=context,
+            config=Configuration(ssl_target_name_override=server_name or None),
+        )
+        self._push = UnaryUnaryMethod[pb.PushRequest, pb.PushResponse](
+            self._channel, PUSH_METHOD, pb.PushRequest, pb.PushResponse
+        )
+
+    @classmethod
+    def open(
+        cls, target: str, *, ca: Path, cert: Path, key: Path, server_name: str = ""
+    ) -> CollectorLink:
+        return cls(target, client_context(ca, cert, key), server_name)
+
+    async def push(self, request: pb.PushRequest, deadline_seconds: float) -> pb.PushResponse:
+        """Send one batch; the collector's answer, or :class:`PushFailed`. The deadline
+        goes to the collector too (``grpc-timeout``), which gives up when it passes.
+
+        The connection stays open for the next call, unless this one failed below gRPC
+        (no answer in time, a broken connection, TLS): then it is dropped, and the next
+        call opens a new one rather than wait on a peer that may be gone.
+        """
+        try:
+            return await self._push_once(request, deadline_seconds)
+        except PushFailed as exc:
+            if exc.code in CONNECTION_FAILURES:
+                self._channel.close()
+            raise
+
+    async def _push_once(
+        self, request: pb.PushRequest, deadline_seconds: float
+    ) -> pb.PushResponse:
+        try:
+            async with self._push.open(timeout=deadline_seconds) as stream:
+                try:
+                    await stream.send_message(request, end=True)
+                    response = await stream.recv_message()
+                except GRPCError as exc:
+                    raise PushFailed(exc.status.name, exc.message or "",
+                                     _retry_after(stream.trailing_metadata)) from None
+            # Leaving the block read the trailers: an error status there raises below.
+        except GRPCError as exc:
+            raise PushFailed(exc.status.name, exc.message or "") from None
+        except TimeoutError:
+            raise PushFailed("DEADLINE_EXCEEDED",
+                             f"no answer within {deadline_seconds:g} s") from None
+        except ssl.SSLCertVerificationError as exc:
+            raise PushFailed("UNAUTHENTICATED", f"collector certificate refused: "
+                             f"{exc.verify_message}") from None
+        except ssl.SSLError as exc:
+            raise PushFailed("UNAVAILABLE", f"TLS: {exc.reason or exc}") from None
+        except OSError as exc:
+            reason = os.strerror(exc.errno) if exc.errno else str(exc) or type(exc).__name__
+            raise PushFailed("UNAVAILABLE", f"cannot reach {self.target}: {reason}") from None
+        except (StreamTerminatedError, ProtocolError, asyncio.IncompleteReadError) as exc:
+            raise PushFailed("UNAVAILABLE", f"connection to {self.target} broke: "
+                             f"{exc or type(exc).__name__}") from None
+        if response is None:
+            raise PushFailed("INTERNAL", "the collector answered without a message")
+        return response
+
+    def close(self) -> None:
+        self._channel.close()
+        self.closed = True
+
+
+def _retry_after(metadata: object) -> float:
+    """The ``retry-after-ms`` trailer in seconds, or 0 when absent or not a number."""
+    value = metadata.get("retry-after-ms") if hasattr(metadata, "get") else None
+    try:
+        return max(int(value), 0) / 1000 if isinstance(value, str) else 0.0
+    except ValueError:
+        return 0.0
