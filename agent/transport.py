@@ -2,9 +2,9 @@
 
 The agent speaks gRPC through ``grpclib``, a gRPC client written in Python on the
 ``h2`` HTTP/2 library and the standard ``ssl`` module, not through ``grpcio`` (which
-the collector serves with): the wire is the same, while grpcio's C core would cost the
-agent's process about 20 MiB of resident memory at import and its background threads
-a wake-up every 50 ms while a channel is open (docs/benchmarks.md).
+the collector serves with): the wire is the same, while grpcio's C core cost the
+agent's process about 10 MiB more resident memory and its background threads woke
+about twenty times a second while a channel was open (docs/benchmarks.md).
 
 TLS is the standard library's: the context offers TLS 1.3 and nothing older, trusts
 only the configured CA (never the system's store), presents the agent's certificate,
@@ -13,7 +13,7 @@ and checks the collector's certificate against its host name (or ``server_name``
 Every failure of a call becomes a :class:`PushFailed` naming a gRPC status: what the
 collector answered, ``UNAVAILABLE`` when it could not be reached or the connection
 broke, ``DEADLINE_EXCEEDED`` when it did not answer in time, ``UNAUTHENTICATED`` when
-the TLS handshake refused a certificate. The collector's back-pressure answer
+the collector's certificate was refused. The collector's back-pressure answer
 (``RESOURCE_EXHAUSTED`` with a ``retry-after-ms`` trailer) carries its delay.
 """
 
