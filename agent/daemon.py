@@ -27,6 +27,7 @@ import asyncio
 import contextlib
 import os
 import signal
+import sqlite3
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -39,7 +40,7 @@ from agent.shipper import Shipper, ShipperSettings
 from agent.spool import Spool
 from agent.transport import CollectorLink
 from common import logs
-from common.errors import MeterdError
+from common.errors import ConfigError, MeterdError
 from common.sdnotify import Notifier
 
 log = logs.get("agent")
@@ -142,7 +143,11 @@ async def run(
         host_id = check_identity(cfg)
     spool_path = cfg.path(cfg.raw.spool_path)
     spool_path.parent.mkdir(parents=True, exist_ok=True)
-    spool = await asyncio.to_thread(Spool, spool_path, max_bytes=cfg.raw.spool_max_bytes)
+    try:
+        spool = await asyncio.to_thread(Spool, spool_path, max_bytes=cfg.raw.spool_max_bytes)
+    except sqlite3.Error as exc:  # not a database, locked, unreadable, ...
+        raise ConfigError(str(cfg.source), "spool_path",
+                          f"cannot open the spool {spool_path}: {exc}") from None
     try:
         state = await asyncio.to_thread(spool.load_state)
         sampler = build_sampler(cfg, host_id, state)

@@ -183,3 +183,28 @@ def test_the_shipping_interval_cannot_be_negative(tmp_path: Path, pki_dir: Path)
 
     with pytest.raises(ConfigError, match=r"shipping\.interval_seconds"):
         load_agent_config(write_config(tmp_path, pki_dir, '[shipping]\ninterval_seconds = "-1"'))
+
+
+@pytest.mark.parametrize("spool", ["a folder", "not a database"])
+def test_a_spool_path_that_cannot_be_the_spool_is_refused_clearly(
+    tmp_path: Path, pki_dir: Path, spool: str
+) -> None:
+    config = write_config(tmp_path, pki_dir)
+    path = tmp_path / "spool.db"
+    if spool == "a folder":
+        path.mkdir()
+        expected = f"spool_path: {path} exists and is not a file"
+    else:
+        path.write_bytes(b"usage records? no.\n" * 300)
+        expected = f"spool_path: cannot open the spool {path}: file is not a database"
+    before = sorted(p.name for p in tmp_path.iterdir())
+    result = subprocess.run(
+        [sys.executable, "-m", "common.cli", "agent", "run", "--config", str(config)],
+        capture_output=True, text=True, cwd=tmp_path, env=python_env(), timeout=60,
+    )
+    assert result.returncode == 1
+    assert expected in result.stderr
+    assert "Traceback" not in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written beside it
+    if spool != "a folder":
+        assert path.read_bytes() == b"usage records? no.\n" * 300
