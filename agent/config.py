@@ -98,10 +98,6 @@ def load_agent_config(path: Path) -> LoadedAgentConfig:
         raise ConfigError(source, "interval_seconds", "must be at least 0.1 seconds")
     if str(raw.spool_path) in ("", "."):  # Path("") is the configuration's own folder
         raise ConfigError(source, "spool_path", "must name the spool's file, not a folder")
-    spool = path.parent / raw.spool_path
-    if spool.exists() and not spool.is_file():
-        raise ConfigError(source, "spool_path", f"{spool} exists and is not a file: name the "
-                          "spool's file (e.g. /var/lib/meterd/agent/spool.db)")
     if raw.spool_max_bytes < 1024 * 1024:
         raise ConfigError(source, "spool_max_bytes", "must be at least 1048576 (1 MiB)")
     host, sep, port = raw.collector.rpartition(":")

@@ -143,6 +143,9 @@ async def run(
         host_id = check_identity(cfg)
     spool_path = cfg.path(cfg.raw.spool_path)
     spool_path.parent.mkdir(parents=True, exist_ok=True)
+    if spool_path.exists() and not spool_path.is_file():
+        raise ConfigError(str(cfg.source), "spool_path", f"{spool_path} exists and is not a "
+                          "file: name the spool's file (e.g. /var/lib/meterd/agent/spool.db)")
     try:
         spool = await asyncio.to_thread(Spool, spool_path, max_bytes=cfg.raw.spool_max_bytes)
     except sqlite3.Error as exc:  # not a database, locked, unreadable, ...
