@@ -187,10 +187,10 @@ def test_bad_certificates_are_refused_and_write_nothing(site: Site, tmp_path: Pa
 
 
 def scan(site: Site, credentials: ClientAuthenticationCredentials | None,
-         commands: set[ScanCommand]) -> ServerScanResult:
+         commands: set[ScanCommand], port: int | None = None) -> ServerScanResult:
     request = ServerScanRequest(
-        server_location=ServerNetworkLocation("localhost", site.collector.grpc_port,
-                                              "127.0.0.1"),
+        server_location=ServerNetworkLocation(
+            "localhost", site.collector.grpc_port if port is None else port, "127.0.0.1"),
         network_configuration=ServerNetworkConfiguration(
             "localhost", tls_client_auth_credentials=credentials, network_max_retries=1),
         scan_commands=commands,
@@ -246,6 +246,51 @@ def test_sslyze_finds_tls13_only_and_strong_groups(site: Site) -> None:
     # docstring for why it cannot name the requirement itself).
     bare = scan(site, None, {ScanCommand.TLS_1_3_CIPHER_SUITES})
     assert bare.scan_status == ServerScanStatusEnum.ERROR_NO_CONNECTIVITY, bare.scan_status
+
+
+@pytest.fixture(scope="module")
+def rest_tls_port(site: Site, tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
+    """The REST API of a second collector on the same PKI, with ``[api] tls = true``."""
+    root = tmp_path_factory.mktemp("trust-rest")
+    config = collector_config(root, site.pki, free_port(), assignments={"host-a": "acme"})
+    listen = '[api]\nlisten = "127.0.0.1:0"\n'
+    text = config.read_text()
+    assert listen in text
+    config.write_text(text.replace(listen, listen + "tls = true\n"))
+    collector = CollectorProcess(config).start()
+    try:
+        yield collector.api_port
+    finally:
+        collector.kill()
+
+
+@pytest.mark.filterwarnings("ignore:Parsed a serial number which wasn't positive")
+def test_sslyze_finds_the_rest_api_tls13_only_with_strong_groups(
+    site: Site, rest_tls_port: int
+) -> None:
+    result = scan(site, None, {
+        ScanCommand.SSL_2_0_CIPHER_SUITES, ScanCommand.SSL_3_0_CIPHER_SUITES,
+        ScanCommand.TLS_1_0_CIPHER_SUITES, ScanCommand.TLS_1_1_CIPHER_SUITES,
+        ScanCommand.TLS_1_2_CIPHER_SUITES, ScanCommand.TLS_1_3_CIPHER_SUITES,
+        ScanCommand.ELLIPTIC_CURVES, ScanCommand.TLS_COMPRESSION, ScanCommand.HEARTBLEED,
+    }, port=rest_tls_port)
+    assert result.scan_status == ServerScanStatusEnum.COMPLETED, result.connectivity_error_trace
+    assert result.scan_result is not None
+    found = result.scan_result
+    for version, attempt in {
+        "SSL 2.0": found.ssl_2_0_cipher_suites, "SSL 3.0": found.ssl_3_0_cipher_suites,
+        "TLS 1.0": found.tls_1_0_cipher_suites, "TLS 1.1": found.tls_1_1_cipher_suites,
+        "TLS 1.2": found.tls_1_2_cipher_suites,
+    }.items():
+        accepted = completed(version, attempt).accepted_cipher_suites
+        assert not accepted, (version, [s.cipher_suite.name for s in accepted])
+    assert completed("TLS 1.3", found.tls_1_3_cipher_suites).accepted_cipher_suites
+    curves = completed("groups", found.elliptic_curves)
+    supported = {c.name for c in curves.supported_curves or []}
+    assert supported, "no group at all"
+    assert supported <= STRONG_GROUPS, supported
+    assert not completed("compression", found.tls_compression).supports_compression
+    assert not completed("heartbleed", found.heartbleed).is_vulnerable_to_heartbleed
 
 
 def openssl_s_client(site: Site, *args: str) -> str:
