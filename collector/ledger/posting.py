@@ -19,6 +19,7 @@ piecewise; they are rated when the period closes (:mod:`collector.billing.compos
 
 from __future__ import annotations
 
+import operator
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -38,7 +39,9 @@ from collector.ledger.store import ZERO_COUNTER, Counter, CounterKey
 from collector.rating.engine import billing_quantity, rated_amount
 from collector.rating.tariff import Price
 from common.money import CONTEXT
-from common.records import UsageRecord
+from common.records import UsageRecord, from_us
+
+_record_id = operator.attrgetter("id")
 
 
 class PriceSource(Protocol):
@@ -68,36 +71,71 @@ class _AccountPrices:
     up once per (metric, window start): the records of one sampling cycle share their
     window, so a batch of a thousand records needs a few dozen lookups, not a thousand."""
 
-    __slots__ = ("_account_id", "_memo", "_prices")
+    __slots__ = ("_account_id", "_cycle", "_memo", "_prices")
 
     def __init__(self, account_id: str, prices: PriceSource) -> None:
         self._account_id = account_id
         self._prices = prices
+        self._cycle = prices.billing_cycle(account_id)
         self._memo: dict[tuple[str, int], list[tuple[Price, CounterKey]]] = {}
 
-    def of(self, record: UsageRecord) -> list[tuple[Price, CounterKey]]:
-        key = (record.metric, record.start_us)
+    def of(self, metric: str, start_us: int) -> list[tuple[Price, CounterKey]]:
+        key = (metric, start_us)
         found = self._memo.get(key)
         if found is None:
-            period = period_start_us(record.start_us, self._prices.billing_cycle(self._account_id))
+            period = period_start_us(start_us, self._cycle)
             found = self._memo[key] = [
                 (price, CounterKey(self._account_id, price.id, period))
-                for price in self._prices.prices_for(self._account_id, record.metric,
-                                                     record.start)
+                for price in self._prices.prices_for(self._account_id, metric,
+                                                     from_us(start_us))
             ]
         return found
+
+
+@dataclass(frozen=True, slots=True)
+class PricedUsage:
+    """New records of one account, grouped for rating: each group is the records of one
+    window start and metric that some price rates, with those prices (each with its
+    counter key) and the records' quantities in record id order; groups in window
+    order. ``keys`` are the counters the records touch, each with its price, and
+    ``metrics`` every metric of the records (priced or not)."""
+
+    groups: list[tuple[list[tuple[Price, CounterKey]], list[Decimal]]]
+    keys: dict[CounterKey, Price]
+    metrics: list[str]
+
+
+def price_usage(
+    account_id: str, records: Sequence[UsageRecord], prices: PriceSource
+) -> PricedUsage:
+    """Group ``records`` (of ``account_id``) by window start and metric and look their
+    prices up once per group (see :class:`PricedUsage`)."""
+    by_window: dict[tuple[int, str], list[Decimal]] = {}
+    get = by_window.get
+    for record in sorted(records, key=_record_id):
+        window = (record.start_us, record.metric)
+        quantities = get(window)
+        if quantities is None:
+            by_window[window] = [record.quantity]
+        else:
+            quantities.append(record.quantity)
+    lookup = _AccountPrices(account_id, prices)
+    groups: list[tuple[list[tuple[Price, CounterKey]], list[Decimal]]] = []
+    keys: dict[CounterKey, Price] = {}
+    for start_us, metric in sorted(by_window):
+        priced = lookup.of(metric, start_us)
+        if priced:
+            groups.append((priced, by_window[(start_us, metric)]))
+            for price, key in priced:
+                keys[key] = price
+    return PricedUsage(groups, keys, sorted({metric for _, metric in by_window}))
 
 
 def counter_keys(
     account_id: str, records: Sequence[UsageRecord], prices: PriceSource
 ) -> dict[CounterKey, Price]:
     """The counters that ``records`` touch, each with its price."""
-    keys: dict[CounterKey, Price] = {}
-    lookup = _AccountPrices(account_id, prices)
-    for record in records:
-        for price, key in lookup.of(record):
-            keys[key] = price
-    return keys
+    return price_usage(account_id, records, prices).keys
 
 
 def rate_usage(
@@ -108,26 +146,40 @@ def rate_usage(
     prices: PriceSource,
     counters: Mapping[CounterKey, Counter],
     now_us: int,
+    priced: PricedUsage | None = None,
 ) -> RatedBatch:
     """Rate ``records`` (all new, all of ``account_id``) against ``counters``.
 
-    Records are taken in time order. Each run of records rated by the same price
-    version moves its counter from ``before`` to ``after`` and posts
+    Records are taken in time order (window start, then id). Each run of records rated
+    by the same price version moves its counter from ``before`` to ``after`` and posts
     ``round(f(after)) - round(f(before))`` with that version's amount function ``f``.
     Within a version the postings telescope to the rounded amount of the version's
     whole quantity; when a new version takes effect (an effective date, a reloaded
     tariff) usage already posted keeps its price and new usage is priced at the
-    margin of the new version.
+    margin of the new version. ``priced`` is :func:`price_usage` of the same records,
+    when the caller already has it.
     """
+    if priced is None:
+        priced = price_usage(account_id, records, prices)
+    add = CONTEXT.add
+    # Per counter, the runs of one price version and their summed quantity. A counter
+    # gets at most one group per window start (one price version, of one metric, is in
+    # force at an instant), so the groups in window order, each in record id order,
+    # add the quantities in the records' time order.
     runs: dict[CounterKey, list[tuple[Price, Decimal]]] = {}
-    lookup = _AccountPrices(account_id, prices)
-    for record in sorted(records, key=lambda r: (r.start_us, r.id)):
-        for price, key in lookup.of(record):
+    for group_prices, quantities in priced.groups:
+        for price, key in group_prices:
             key_runs = runs.setdefault(key, [])
             if key_runs and (key_runs[-1][0] is price or key_runs[-1][0] == price):
-                key_runs[-1] = (price, CONTEXT.add(key_runs[-1][1], record.quantity))
+                total = key_runs[-1][1]
+                for quantity in quantities:
+                    total = add(total, quantity)
+                key_runs[-1] = (price, total)
             else:
-                key_runs.append((price, record.quantity))
+                total = quantities[0]
+                for quantity in quantities[1:]:
+                    total = add(total, quantity)
+                key_runs.append((price, total))
     updated: dict[CounterKey, Counter] = {}
     revenue: dict[tuple[str, str], Decimal] = defaultdict(Decimal)
     for key in sorted(runs):
@@ -150,7 +202,7 @@ def rate_usage(
         receivable[currency] -= amount
     for currency, amount in sorted(receivable.items()):
         postings.append(Posting(RECEIVABLE, currency, amount))
-    metrics = sorted({r.metric for r in records})
+    metrics = priced.metrics
     entry = JournalEntry(
         id=entry_id,
         account_id=account_id,

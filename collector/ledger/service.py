@@ -23,7 +23,7 @@ from decimal import Decimal
 from collector.billing.attribution import attribute_usage
 from collector.ledger.journal import RECEIVABLE, ChainLink, JournalEntry
 from collector.ledger.outbox import BALANCE_THRESHOLD_CROSSED
-from collector.ledger.posting import PriceSource, counter_keys, rate_usage
+from collector.ledger.posting import PriceSource, price_usage, rate_usage
 from collector.ledger.sharding import ShardMap
 from collector.ledger.store import LedgerStore, LedgerTx, SeqMarks
 from collector.ledger.thresholds import BalanceThresholds, crossing_events
@@ -99,19 +99,31 @@ class LedgerService:
         # Shards looked up once per account and host, not once per record (a hash each).
         account_shard: dict[str, int] = {}
         host_shard: dict[str, int] = {}
+        # A record's account depends on its host, window start and labels (the cgroup):
+        # records that share all three (a sampling cycle's records of one VM share one
+        # label set, the very same object) share the list they go to, found once.
+        # Each key names a label set that a record of the batch still holds.
+        lists: dict[tuple[str, int, int], list[UsageRecord]] = {}
         for record in records:
-            account = self.router.account_for(record)
-            if account is None:
-                shard = host_shard.get(record.host_id)
-                if shard is None:
-                    shard = index[id(self.ledger.for_host(record.host_id))]
-                    host_shard[record.host_id] = shard
-                held[shard].append(record)
-            else:
-                shard = account_shard.get(account)
-                if shard is None:
-                    shard = account_shard[account] = index[id(self.ledger.for_account(account))]
-                by_store[shard][account].append(record)
+            key = (record.host_id, record.start_us, id(record.labels))
+            target = lists.get(key)
+            if target is None:
+                account = self.router.account_for(record)
+                if account is None:
+                    shard = host_shard.get(record.host_id)
+                    if shard is None:
+                        shard = index[id(self.ledger.for_host(record.host_id))]
+                        host_shard[record.host_id] = shard
+                    target = held[shard]
+                else:
+                    shard = account_shard.get(account)
+                    if shard is None:
+                        shard = account_shard[account] = index[
+                            id(self.ledger.for_account(account))
+                        ]
+                    target = by_store[shard][account]
+                lists[key] = target
+            target.append(record)
         shards = sorted(set(by_store) | set(held))
         along = -1  # the shard whose transaction also writes ``marks``
         if marks is not None and marks.ranges:
@@ -149,12 +161,19 @@ class LedgerService:
                 batch = accounts[account_id]
                 entry_id = new_id()
                 new_ids = await tx.insert_records(account_id, entry_id, batch, now_us)
-                new = [r for r in batch if r.id in new_ids]
-                for r in batch:
-                    outcomes[r.id] = Outcome.ACCEPTED if r.id in new_ids else Outcome.DUPLICATE
+                if len(new_ids) == len(batch):  # the common case: all of them are new
+                    new = batch
+                    outcomes.update(dict.fromkeys(new_ids, Outcome.ACCEPTED))
+                else:
+                    new = [r for r in batch if r.id in new_ids]
+                    for r in batch:
+                        outcomes[r.id] = (
+                            Outcome.ACCEPTED if r.id in new_ids else Outcome.DUPLICATE
+                        )
                 if not new:
                     continue
-                keys = counter_keys(account_id, new, self.prices)
+                priced = price_usage(account_id, new, self.prices)
+                keys = priced.keys
                 counters = await tx.load_counters(sorted(keys))
                 rated = rate_usage(
                     entry_id=entry_id,
@@ -163,6 +182,7 @@ class LedgerService:
                     prices=self.prices,
                     counters=counters,
                     now_us=now_us,
+                    priced=priced,
                 )
                 await tx.save_counters(rated.counters)
                 await tx.append_entry(rated.entry)
