@@ -12,7 +12,6 @@ This module imports ``grpc``: import it only where gRPC is set up (after
 from __future__ import annotations
 
 import time
-from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
@@ -20,8 +19,6 @@ import grpc
 
 from collector.metrics import Metrics, reject_reason
 from common.proto import meterd_pb2 as pb
-
-_OUTCOME_NAMES = {pb.ACCEPTED: "accepted", pb.DUPLICATE: "duplicate", pb.REJECTED: "rejected"}
 
 Handler = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]
 
@@ -71,12 +68,14 @@ class IngestMetricsInterceptor(_Interceptor):
 
 
 def observe_acks(metrics: Metrics, response: pb.PushResponse) -> None:
-    outcomes: Counter[str] = Counter()
-    reasons = []
-    for ack in response.acks:
-        name = _OUTCOME_NAMES.get(ack.outcome, "rejected")
-        outcomes[name] += 1
-        if ack.outcome == pb.REJECTED:
-            reasons.append(reject_reason(ack.reason))
-    metrics.count_records("grpc", outcomes)
-    metrics.count_rejects("grpc", reasons)
+    acks = response.acks
+    codes = [ack.outcome for ack in acks]
+    accepted, duplicate = codes.count(pb.ACCEPTED), codes.count(pb.DUPLICATE)
+    other = len(codes) - accepted - duplicate  # rejected (or an outcome left unset)
+    metrics.count_records(
+        "grpc", {"accepted": accepted, "duplicate": duplicate, "rejected": other}
+    )
+    if other:
+        metrics.count_rejects(
+            "grpc", [reject_reason(ack.reason) for ack in acks if ack.outcome == pb.REJECTED]
+        )

@@ -84,8 +84,11 @@ Ranges = list[tuple[int, int]]
 
 def ranges_of(seqs: Iterable[int]) -> Ranges:
     """The merged ranges covering ``seqs``."""
+    ordered = sorted(set(seqs))
+    if ordered and ordered[-1] - ordered[0] == len(ordered) - 1:
+        return [(ordered[0], ordered[-1] + 1)]  # distinct integers spanning no more: a run
     out: Ranges = []
-    for seq in sorted(set(seqs)):
+    for seq in ordered:
         if out and out[-1][1] == seq:
             out[-1] = (out[-1][0], seq + 1)
         else:

@@ -15,12 +15,15 @@ and the reason.
 
 from __future__ import annotations
 
+import operator
 import re
 import uuid
-from collections.abc import Mapping
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from itertools import repeat
 from types import MappingProxyType
 
 from common.errors import MoneyError, RecordError
@@ -45,6 +48,12 @@ _PLAIN_QUANTITY = re.compile(r"(?:0|[1-9][0-9]{0,29})(?:\.[0-9]{1,18})?")
 _PLAIN_QUANTITY_MAX_LEN = MAX_QUANTITY_DIGITS + 1
 _uuid_text = _UUID_TEXT.fullmatch
 _plain_quantity = _PLAIN_QUANTITY.fullmatch
+# Whole columns of a batch in one match each: texts joined by newlines (which neither
+# pattern admits, so the pieces between them are exactly the column's texts).
+_UUID_COLUMN = re.compile(f"{_UUID_TEXT.pattern}(?:\n{_UUID_TEXT.pattern})*").fullmatch
+_PLAIN_QUANTITY_COLUMN = re.compile(
+    f"{_PLAIN_QUANTITY.pattern}(?:\n{_PLAIN_QUANTITY.pattern})*"
+).fullmatch
 
 EMPTY_LABELS: Mapping[str, str] = MappingProxyType({})
 
@@ -293,3 +302,87 @@ def build_record(
 
 
 _new = object.__new__
+
+
+def _column_types(column: Sequence[object], *allowed: type) -> bool:
+    """Whether every value of ``column`` is an instance of one of ``allowed``."""
+    return all(issubclass(t, allowed) for t in set(map(type, column)))
+
+
+def _text_column(column: Sequence[str], full: Callable[[str], object]) -> bool:
+    """Whether every value is exactly a ``str`` and the values, joined by newlines,
+    match ``full`` as a whole: one value per newline-separated piece."""
+    if set(map(type, column)) != {str}:
+        return False
+    joined = "\n".join(column)
+    return joined.count("\n") == len(column) - 1 and full(joined) is not None
+
+
+def _names_valid(column: Sequence[object], known: set[str], pattern: re.Pattern[str]) -> bool:
+    try:
+        distinct = set(column)
+    except TypeError:
+        return False
+    return all(
+        isinstance(v, str) and (v in known or _valid(known, pattern, v)) for v in distinct
+    )
+
+
+def build_records(
+    record_ids: Sequence[str],
+    host_ids: Sequence[str],
+    metrics: Sequence[str],
+    quantities: Sequence[str],
+    units: Sequence[str],
+    starts_us: Sequence[int],
+    ends_us: Sequence[int],
+    seqs: Sequence[int],
+    labels: Sequence[Mapping[str, str]],
+) -> list[UsageRecord] | None:
+    """The records of a batch given column by column (one value per record in each), or
+    None unless every record is valid with its quantity in plain decimal text.
+
+    The same rules as :func:`build_record`, checked a column at a time: a list is
+    returned only if :func:`build_record` would build each record (equal to what it
+    builds); on None the caller builds them one by one for each verdict and reason."""
+    n = len(record_ids)
+    if not n:
+        return []
+    if not (
+        _text_column(record_ids, _UUID_COLUMN)
+        and _names_valid(host_ids, _VALID_HOSTS, HOST_ID)
+        and _names_valid(metrics, _VALID_METRICS, METRIC_NAME)
+        and _text_column(quantities, _PLAIN_QUANTITY_COLUMN)
+        and max(map(len, quantities)) <= _PLAIN_QUANTITY_MAX_LEN
+        and _units_valid(units)
+        and _column_types(starts_us, int)
+        and _column_types(ends_us, int)
+        and _column_types(seqs, int)
+        and min(starts_us) >= 0
+        and all(map(operator.le, starts_us, ends_us))
+        and max(ends_us) <= MAX_US
+        and min(seqs) >= 0
+        and max(seqs) <= MAX_SEQ
+    ):
+        return None
+    try:
+        frozen = list(map(_labels, labels))
+    except RecordError:
+        return None
+    values = list(map(Decimal, quantities))
+    texts = [q if "." not in q or q[-1] != "0" else "" for q in quantities]
+    records = list(map(_new, repeat(UsageRecord, n)))
+    columns: tuple[Sequence[object], ...] = (
+        record_ids, host_ids, metrics, values, units, starts_us, ends_us, seqs, frozen, texts
+    )
+    for setter, column in zip(_SLOTS, columns, strict=True):
+        deque(map(setter, records, column), 0)  # each slot of every record, in C
+    return records
+
+
+def _units_valid(units: Sequence[object]) -> bool:
+    try:
+        distinct = set(units)
+    except TypeError:
+        return False
+    return all(isinstance(u, str) and u in UNITS for u in distinct)

@@ -1,0 +1,66 @@
+"""A batch checked a column at a time gets the verdicts of its records checked one by
+one: records equal to theirs when every one is valid, and nothing otherwise."""
+
+from __future__ import annotations
+
+import uuid
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from common.errors import RecordError
+from common.proto import meterd_pb2 as pb
+from common.records import UsageRecord, build_record, build_records
+from tests.test_records import ids, labels, quantities
+
+rows = st.tuples(
+    st.one_of(ids, st.uuids().map(str), st.uuids().map(str)),
+    st.sampled_from(["host-a", "host-b", "bad host"]),
+    st.sampled_from(["net.tx_bytes", "cpu.seconds", "x"]),
+    st.one_of(quantities, st.sampled_from(["0", "1", "1.5", "1.50", "12345678901234567890"])),
+    st.sampled_from(["bytes", "seconds", "furlongs"]),
+    st.integers(-1, 3),
+    st.integers(-1, 3),
+    st.integers(-1, 3),
+    st.one_of(labels, st.just({}), st.just({"cgroup": "a"})),
+)
+
+
+def one_by_one(batch: list[tuple[object, ...]]) -> list[UsageRecord] | None:
+    try:
+        return [build_record(*row) for row in batch]  # type: ignore[arg-type]
+    except RecordError:
+        return None
+
+
+@given(st.lists(rows, min_size=1, max_size=4))
+def test_a_batch_gets_the_verdicts_of_its_records(batch: list[tuple[object, ...]]) -> None:
+    columns = [list(column) for column in zip(*batch, strict=True)]
+    built = build_records(*columns)
+    expected = one_by_one(batch)
+    if built is None:  # the caller then goes record by record
+        plain = all(
+            isinstance(q, str) and q == q.strip() and q.replace(".", "", 1).isdigit()
+            and q[0] != "-" and (q == "0" or not q.startswith("0")) and "e" not in q
+            and len(q) <= 30 and len(q.partition(".")[2]) <= 18
+            for q in columns[3]
+        )
+        assert expected is None or not plain
+        return
+    assert expected is not None
+    assert built == expected
+    assert [r.quantity_text for r in built] == [r.quantity_text for r in expected]
+    assert all(a.labels is b.labels for a, b in zip(built, expected, strict=True))
+
+
+def test_acks_from_their_wire_form_equal_acks_added_one_by_one() -> None:
+    from collector.ingest import _accepted_acks
+
+    record_ids = [str(uuid.uuid4()) for _ in range(3)]
+    added = pb.PushResponse(clock_skew_us=-7)
+    for record_id in record_ids:
+        added.acks.add(id=record_id, outcome=pb.ACCEPTED)
+    parsed = pb.PushResponse.FromString(_accepted_acks(record_ids))
+    parsed.clock_skew_us = -7
+    assert parsed == added
+    assert parsed.SerializeToString() == added.SerializeToString()
