@@ -94,7 +94,10 @@ CREATE TABLE IF NOT EXISTS records (
     received_us BIGINT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS records_account ON records (account_id, metric);
-CREATE INDEX IF NOT EXISTS records_entry ON records (entry_id);
+-- No index on entry_id: only `meterd ledger verify` joins records to their entries, over
+-- the whole table (a hash join), and the index cost every ingested record about 1 us
+-- of PostgreSQL's CPU (docs/benchmarks.md). Ledgers created with it lose it here.
+DROP INDEX IF EXISTS records_entry;
 CREATE TABLE IF NOT EXISTS held (
     record_id   TEXT PRIMARY KEY,
     host_id     TEXT NOT NULL,
