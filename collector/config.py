@@ -41,6 +41,12 @@ class IngestConfig:
         "0.0.0.0:7443",
         "gRPC listen address (host:port)",
     )
+    share_port: bool = config.option(
+        False,
+        "let other collector processes listen on the same address (SO_REUSEPORT; the"
+        " kernel spreads agents' connections): one process per core, all on one ledger."
+        " Off, a second collector on a busy address refuses to start",
+    )
     max_batch_records: int = config.option(5000, "most records accepted in one call")
     max_in_flight_records: int = config.option(
         100_000, "records being processed at once; past it, RESOURCE_EXHAUSTED"

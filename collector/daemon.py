@@ -185,6 +185,9 @@ async def _serve(
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            # gRPC sets SO_REUSEPORT unless told not to: a second collector (another
+            # ledger, an old configuration) would then take half the agents silently.
+            ("grpc.so_reuseport", 1 if cfg.raw.ingest.share_port else 0),
         ]
     )
     pb_grpc.add_IngestServicer_to_server(  # type: ignore[no-untyped-call]
@@ -202,9 +205,13 @@ async def _serve(
     )
     try:
         grpc_port = server.add_secure_port(f"{host}:{port}", credentials)
-    except RuntimeError as exc:  # gRPC's way of saying the address cannot be bound
-        raise ConfigError(str(cfg.source), "ingest.listen",
-                          f"cannot listen on {cfg.raw.ingest.listen!r}: {exc}") from None
+    except RuntimeError:  # gRPC's way of saying the address cannot be bound
+        raise ConfigError(
+            str(cfg.source), "ingest.listen",
+            f"cannot listen on {cfg.raw.ingest.listen!r}: the address is in use or not this "
+            "host's (is another collector there? collectors of one ledger share an address "
+            "when each sets [ingest] share_port = true)",
+        ) from None
     await server.start()
 
     webhooks = delivery_worker(cfg, ledger)  # webhooks: started below, stopped at the end
