@@ -8,10 +8,8 @@ per core, and the ledger still counts every record once.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
-from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
 
@@ -26,16 +24,6 @@ from tests.e2e.test_end_to_end import link
 from tests.harness import CollectorProcess
 from tests.pg import Databases
 from tests.reliability.faults import collector_config, free_port
-
-
-@pytest.fixture
-def pg_dsn(pg_server: str) -> Iterator[str]:
-    databases = Databases(pg_server)
-    dsn = asyncio.run(databases.create("meterd_port"))
-    try:
-        yield dsn
-    finally:
-        asyncio.run(databases.drop_all())
 
 
 def record(seq: int) -> UsageRecord:
@@ -80,8 +68,9 @@ def test_a_second_collector_on_a_busy_address_refuses_to_start(
 
 @pytest.mark.pg
 async def test_collectors_that_share_an_address_split_the_agents_and_count_once(
-    tmp_path: Path, pki_dir: Path, pg_dsn: str
+    tmp_path: Path, pki_dir: Path, pg_databases: Databases
 ) -> None:
+    pg_dsn = await pg_databases.create("meterd_port")
     port = free_port()
     collectors = []
     for name in ("a", "b"):
