@@ -242,16 +242,13 @@ async def test_an_agent_certificate_the_collector_does_not_trust_is_unavailable(
 async def test_a_collector_that_never_answers_runs_into_the_deadline(pki_dir: Path) -> None:
     server, received = await serve_silently(server_context(pki_dir))
     port = server.sockets[0].getsockname()[1]
-    loop = asyncio.get_running_loop()
     try:
-        started = loop.time()
         refused = await failure(link(pki_dir, "host-a", f"127.0.0.1:{port}"), deadline=0.5)
-        waited = loop.time() - started
     finally:
         server.close()
     assert refused.code == "DEADLINE_EXCEEDED"
+    assert refused.details == "no answer within 0.5 s"
     assert refused.code in RETRYABLE
-    assert waited >= 0.5
     assert b"".join(received).startswith(b"PRI * HTTP/2.0")  # it did send the request
 
 
