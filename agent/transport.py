@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import os
 import ssl
+from collections.abc import Mapping
 from pathlib import Path
 
 from grpclib.client import Channel, UnaryUnaryMethod
@@ -138,10 +139,12 @@ class CollectorLink:
         self.closed = True
 
 
-def _retry_after(metadata: object) -> float:
+def _retry_after(metadata: Mapping[str, str | bytes] | None) -> float:
     """The ``retry-after-ms`` trailer in seconds, or 0 when absent or not a number."""
-    value = metadata.get("retry-after-ms") if hasattr(metadata, "get") else None
+    value = None if metadata is None else metadata.get("retry-after-ms")
+    if not isinstance(value, str):
+        return 0.0
     try:
-        return max(int(value), 0) / 1000 if isinstance(value, str) else 0.0
+        return max(int(value), 0) / 1000
     except ValueError:
         return 0.0
