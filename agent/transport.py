@@ -72,7 +72,6 @@ class CollectorLink:
     def __init__(self, target: str, context: ssl.SSLContext, server_name: str = "") -> None:
         host, port = split_target(target)
         self.target = target
-        self.closed = False
         self._channel = Channel(
             host, port, ssl=context,
             config=Configuration(ssl_target_name_override=server_name or None),
@@ -105,17 +104,15 @@ class CollectorLink:
     async def _push_once(
         self, request: pb.PushRequest, deadline_seconds: float
     ) -> pb.PushResponse:
+        stream = None
         try:
             async with self._push.open(timeout=deadline_seconds) as stream:
-                try:
-                    await stream.send_message(request, end=True)
-                    response = await stream.recv_message()
-                except GRPCError as exc:
-                    raise PushFailed(exc.status.name, exc.message or "",
-                                     _retry_after(stream.trailing_metadata)) from None
-            # Leaving the block read the trailers: an error status there raises below.
+                await stream.send_message(request, end=True)
+                response = await stream.recv_message()
+            # Leaving the block read the trailers: an error status there raises too.
         except GRPCError as exc:
-            raise PushFailed(exc.status.name, exc.message or "") from None
+            trailers = None if stream is None else stream.trailing_metadata
+            raise PushFailed(exc.status.name, exc.message or "", _retry_after(trailers)) from None
         except TimeoutError:
             raise PushFailed("DEADLINE_EXCEEDED",
                              f"no answer within {deadline_seconds:g} s") from None
@@ -136,7 +133,6 @@ class CollectorLink:
 
     def close(self) -> None:
         self._channel.close()
-        self.closed = True
 
 
 def _retry_after(metadata: Mapping[str, str | bytes] | None) -> float:
