@@ -92,10 +92,10 @@ def sums_by_currency(postings: Iterable[Posting]) -> dict[str, Decimal]:
 
 def records_digest(items: Iterable[tuple[str, str]]) -> str:
     """Digest of (record id, quantity text) pairs, order-independent."""
-    h = hashlib.sha256()
-    for record_id, quantity in sorted(items):
-        h.update(f"{record_id}={quantity};".encode())
-    return h.hexdigest()
+    # One update of the whole text: the same digest as one update per pair, at a
+    # fraction of the calls.
+    text = "".join([f"{record_id}={quantity};" for record_id, quantity in sorted(items)])
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def entry_hash(entry: JournalEntry, chain_seq: int, prev_hash: str) -> str:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 from datetime import UTC, datetime
 from decimal import Decimal
 
+from collector.ledger.journal import records_digest
 from collector.ledger.posting import rate_usage
 from collector.ledger.store import Counter
 from collector.pricing import AccountPrices, AccountTerms
@@ -66,3 +68,13 @@ def test_within_one_version_pieces_add_up_to_the_rounded_total() -> None:
         posted, counters = rate([record(quantity="300000000", at_us=BEFORE)], counters)
         total += posted
     assert total == Decimal("0.03")  # round(2.1 GB x 0.013 = 0.0273)
+
+
+def test_records_digest_is_the_sha256_of_the_sorted_pairs() -> None:
+    """Stored entries carry this digest and `meterd ledger verify` recomputes it: its
+    definition must not drift, whatever order the pairs come in."""
+    pairs = [("0190b-2", "2"), ("0190a-1", "1.5"), ("0190c-3", "0")]
+    expected = hashlib.sha256(b"0190a-1=1.5;0190b-2=2;0190c-3=0;").hexdigest()
+    assert records_digest(pairs) == expected
+    assert records_digest(reversed(pairs)) == expected
+    assert records_digest([]) == hashlib.sha256(b"").hexdigest()
