@@ -23,8 +23,16 @@ Use::
 
 A change that lives on the control shard itself (API tokens, webhook subscriptions)
 records its row in the same transaction with :func:`append`, so the change and its
-audit row commit together. A change on an account's shard cannot share a transaction
-with the control shard: record it right after the change commits.
+audit row commit together. A change on an account's shard (an invoice finalized, a
+credit note) records it with :meth:`AuditLog.stage` in the change's transaction: on
+the control shard that is :func:`append` itself; on any other shard the row is kept
+there (``audit_staged``), committed or rolled back with the change, and
+:meth:`AuditLog.relay` appends it to the log afterwards. A relay notes each staged row
+it appended (``audit_relayed``, on the control shard, in the same transaction as the
+append) before it drops the staged rows, so a relay that stops anywhere, or two at
+once, appends each row exactly once; the next relay (the next change on that shard,
+or the collector's start) finishes the work. Until then the row is on the account's
+shard, not lost, and the log shows it later than its ``at_us``.
 """
 
 from __future__ import annotations
@@ -42,8 +50,9 @@ from typing import Any
 import msgspec
 
 from collector.ledger.service import ShardedLedger
-from collector.ledger.store import AuditRow, LedgerStore, LedgerTx
+from collector.ledger.store import AuditRow, LedgerStore, LedgerTx, StagedAudit
 from common.errors import ValidationError
+from common.ids import new_id
 from common.money import canonical_text
 
 GENESIS_HASH = "0" * 64
@@ -113,10 +122,21 @@ async def append(
     at_us: int,
 ) -> AuditRow:
     """Append one row inside ``tx`` (a transaction on the control shard)."""
+    before_text, after_text = _texts(actor, action, target, before, after)
+    return await _append_texts(tx, actor, action, target, before_text, after_text, at_us)
+
+
+def _texts(actor: str, action: str, target: str, before: Any, after: Any) -> tuple[str, str]:
+    """The states as canonical JSON, once every field is checked."""
     for name, value in (("actor", actor), ("action", action), ("target", target)):
         _check_text(name, value)
-    before_text = canonical_json(before, "before")
-    after_text = canonical_json(after, "after")
+    return canonical_json(before, "before"), canonical_json(after, "after")
+
+
+async def _append_texts(
+    tx: LedgerTx, actor: str, action: str, target: str, before_text: str, after_text: str,
+    at_us: int,
+) -> AuditRow:
     last_seq, last_hash = await tx.audit_head()
     seq = last_seq + 1
     digest = row_hash(seq, at_us, actor, action, target, before_text, after_text, last_hash)
@@ -142,6 +162,55 @@ class AuditLog:
         """Append one row in a transaction of its own; returns it as stored."""
         async with self.store.transaction() as tx:
             return await append(tx, actor, action, target, before, after, at_us=self.clock())
+
+    async def stage(
+        self, store: LedgerStore, tx: LedgerTx, actor: str, action: str, target: str,
+        before: Any, after: Any,
+    ) -> None:
+        """Record a change made in ``tx``, a transaction on ``store``: appended to the
+        log in ``tx`` when ``store`` is the control shard, else staged in ``tx`` for
+        :meth:`relay`. Either way the row commits, or not, with the change."""
+        at_us = self.clock()
+        if store is self.store:
+            await append(tx, actor, action, target, before, after, at_us=at_us)
+            return
+        before_text, after_text = _texts(actor, action, target, before, after)
+        await tx.stage_audit(
+            StagedAudit(new_id(), at_us, actor, action, target, before_text, after_text)
+        )
+
+    async def relay(self, store: LedgerStore) -> int:
+        """Append the rows staged on ``store`` to the log, each exactly once, oldest
+        first, then drop them there; the number appended by this call."""
+        if store is self.store:
+            return 0
+        async with store.transaction() as tx:
+            staged = await tx.staged_audits()
+        if not staged:
+            return 0
+        ids = [row.staged_id for row in staged]
+        appended = 0
+        async with self.store.transaction() as tx:
+            await tx.audit_head()  # the log's lock first: concurrent relays take turns
+            done = await tx.relayed_audits(ids)
+            for row in staged:
+                if row.staged_id in done:
+                    continue
+                stored = await _append_texts(
+                    tx, row.actor, row.action, row.target, row.before, row.after, row.at_us
+                )
+                await tx.mark_audit_relayed(row.staged_id, stored.seq)
+                appended += 1
+        async with store.transaction() as tx:
+            await tx.drop_staged_audits(ids)
+        return appended
+
+    async def relay_all(self, stores: Iterable[LedgerStore]) -> int:
+        """:meth:`relay` for every shard; the number of rows appended."""
+        appended = 0
+        for store in stores:
+            appended += await self.relay(store)
+        return appended
 
 
 def chain_problems(rows: Iterable[AuditRow]) -> list[str]:

@@ -31,6 +31,7 @@ from aiohttp import web
 
 from collector.api import build_app
 from collector.api.ops import METRICS
+from collector.audit import AuditLog
 from collector.billing.service import BillingService, billing_service
 from collector.config import (
     LoadedCollectorConfig,
@@ -179,6 +180,13 @@ async def _serve(
     released = await state.service.release_held(to_us_now())
     if released:
         log.info("held_records_released", records=released)
+    try:  # audit rows a stopped billing command left on an account's shard
+        relayed = await AuditLog.for_ledger(ledger).relay_all(ledger.stores)
+    except MeterdError as exc:
+        log.error("audit_relay_failed", error=str(exc))
+    else:
+        if relayed:
+            log.info("audit_rows_relayed", rows=relayed)
 
     server = grpc.aio.server(
         interceptors=[IngestMetricsInterceptor(metrics)],

@@ -88,10 +88,13 @@ from collector.ledger.store import (
 )
 from collector.rating.document import TariffError
 from collector.rating.model import Tariff
-from common.errors import IntegrityError, ValidationError
+from common import logs
+from common.errors import IntegrityError, StoreUnavailable, ValidationError
 from common.ids import new_id
 from common.money import CONTEXT, canonical_text
 from common.records import from_us, to_us
+
+log = logs.get("collector.billing")
 
 MAX_PERIODS_PER_CLOSE = 1000
 
@@ -515,11 +518,12 @@ class BillingService:
             await tx.save_finalized(stored)
             await tx.emit(INVOICE_FINALIZED, account_id, _event(document))
             await self._emit_adjusted(tx, billing, composed, document)
-        invoice = Invoice(stored, document)
-        await self.audit.record(
-            actor, "invoice.finalize", f"invoice/{number}",
-            _summary(_invoice(existing)) if existing else None, _summary(invoice),
-        )
+            invoice = Invoice(stored, document)
+            await self.audit.stage(
+                store, tx, actor, "invoice.finalize", f"invoice/{number}",
+                _summary(_invoice(existing)) if existing else None, _summary(invoice),
+            )
+        await self._relay_audit(store)
         return Finalized(invoice, created=True,
                          draft_total=existing.total if existing else None)
 
@@ -712,13 +716,23 @@ class BillingService:
                     "reason": document["reason"],
                 },
             )
-        note = CreditNote(stored, document)
-        await self.audit.record(
-            actor, "invoice.credit", f"invoice/{invoice.number}",
-            {"left_to_credit": canonical_text(left.total)},
-            {"credit_note": number, "total": document["total"], "reason": document["reason"]},
-        )
-        return note
+            await self.audit.stage(
+                store, tx, actor, "invoice.credit", f"invoice/{invoice.number}",
+                {"left_to_credit": canonical_text(left.total)},
+                {"credit_note": number, "total": document["total"],
+                 "reason": document["reason"]},
+            )
+        await self._relay_audit(store)
+        return CreditNote(stored, document)
+
+    async def _relay_audit(self, store: LedgerStore) -> None:
+        """Move the audit rows staged on ``store`` to the log (collector.audit). The
+        change they record has committed, and they with it: if the control shard is
+        out of reach now, they wait on ``store`` for the next relay."""
+        try:
+            await self.audit.relay(store)
+        except StoreUnavailable as exc:
+            log.warning("audit_relay_deferred", shard=store.name, error=str(exc))
 
     # -- quarantine ----------------------------------------------------------------------
 

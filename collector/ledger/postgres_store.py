@@ -49,6 +49,7 @@ from collector.ledger.store import (
     INVOICE_COLUMNS,
     ORPHAN_RECORDS_SQL,
     REVENUE_PREFIX,
+    STAGED_AUDIT_COLUMNS,
     TOKEN_COLUMNS,
     AgentFacts,
     ApiToken,
@@ -62,6 +63,7 @@ from collector.ledger.store import (
     SeqHole,
     SeqMarks,
     SeqTrack,
+    StagedAudit,
     StoredCreditNote,
     StoredInvoice,
     UsageBucket,
@@ -197,6 +199,22 @@ CREATE TABLE IF NOT EXISTS audit_log (
     hash        TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS audit_log_at ON audit_log (at_us);
+-- Audit rows of changes on an account's shard, written in the change's transaction
+-- and appended to the control shard's log after it commits (collector.audit);
+-- audit_relayed, on the control shard, says which staged rows the log already holds.
+CREATE TABLE IF NOT EXISTS audit_staged (
+    staged_id   TEXT PRIMARY KEY,
+    at_us       BIGINT NOT NULL,
+    actor       TEXT NOT NULL,
+    action      TEXT NOT NULL,
+    target      TEXT NOT NULL,
+    before_json TEXT NOT NULL,
+    after_json  TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS audit_relayed (
+    staged_id TEXT PRIMARY KEY,
+    seq       BIGINT NOT NULL
+);
 CREATE OR REPLACE FUNCTION meterd_token_revoke_only() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
     IF TG_OP = 'UPDATE' AND OLD.revoked_us IS NULL AND NEW.revoked_us IS NOT NULL
@@ -1241,6 +1259,33 @@ class _PgTx(_PgBillingTx):
             row.seq, row.at_us, row.actor, row.action, row.target, row.before, row.after,
             row.prev_hash, row.hash,
         )
+
+    async def stage_audit(self, row: StagedAudit) -> None:
+        await self._conn.execute(
+            "INSERT INTO audit_staged VALUES ($1, $2, $3, $4, $5, $6, $7)",
+            row.staged_id, row.at_us, row.actor, row.action, row.target, row.before, row.after,
+        )
+
+    async def staged_audits(self) -> list[StagedAudit]:
+        rows = await self._conn.fetch(
+            f"SELECT {STAGED_AUDIT_COLUMNS} FROM audit_staged ORDER BY at_us, staged_id"
+        )
+        return [StagedAudit(*r) for r in rows]
+
+    async def drop_staged_audits(self, staged_ids: Sequence[str]) -> None:
+        await self._conn.execute(
+            "DELETE FROM audit_staged WHERE staged_id = ANY($1::text[])", list(staged_ids)
+        )
+
+    async def relayed_audits(self, staged_ids: Sequence[str]) -> set[str]:
+        rows = await self._conn.fetch(
+            "SELECT staged_id FROM audit_relayed WHERE staged_id = ANY($1::text[])",
+            list(staged_ids),
+        )
+        return {r[0] for r in rows}
+
+    async def mark_audit_relayed(self, staged_id: str, seq: int) -> None:
+        await self._conn.execute("INSERT INTO audit_relayed VALUES ($1, $2)", staged_id, seq)
 
     # --- end REST API ----------------------------------------------------------------------
 

@@ -44,6 +44,7 @@ from collector.ledger.store import (
     INVOICE_COLUMNS,
     ORPHAN_RECORDS_SQL,
     REVENUE_PREFIX,
+    STAGED_AUDIT_COLUMNS,
     TOKEN_COLUMNS,
     AgentFacts,
     ApiToken,
@@ -57,6 +58,7 @@ from collector.ledger.store import (
     SeqHole,
     SeqMarks,
     SeqTrack,
+    StagedAudit,
     StoredCreditNote,
     StoredInvoice,
     UsageBucket,
@@ -183,6 +185,22 @@ CREATE TABLE IF NOT EXISTS audit_log (
     hash        TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS audit_log_at ON audit_log (at_us);
+-- Audit rows of changes on an account's shard, written in the change's transaction
+-- and appended to the control shard's log after it commits (collector.audit);
+-- audit_relayed, on the control shard, says which staged rows the log already holds.
+CREATE TABLE IF NOT EXISTS audit_staged (
+    staged_id   TEXT PRIMARY KEY,
+    at_us       BIGINT NOT NULL,
+    actor       TEXT NOT NULL,
+    action      TEXT NOT NULL,
+    target      TEXT NOT NULL,
+    before_json TEXT NOT NULL,
+    after_json  TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS audit_relayed (
+    staged_id TEXT PRIMARY KEY,
+    seq       BIGINT NOT NULL
+);
 CREATE TRIGGER IF NOT EXISTS audit_log_no_update BEFORE UPDATE ON audit_log
 BEGIN SELECT RAISE(ABORT, 'meterd: audit_log is append-only'); END;
 CREATE TRIGGER IF NOT EXISTS audit_log_no_delete BEFORE DELETE ON audit_log
@@ -1167,6 +1185,46 @@ class _SqliteTx(_SqliteBillingTx):
             "INSERT INTO audit_log VALUES (?,?,?,?,?,?,?,?,?)",
             (row.seq, row.at_us, row.actor, row.action, row.target, row.before, row.after,
              row.prev_hash, row.hash),
+        )
+
+    async def stage_audit(self, row: StagedAudit) -> None:
+        await self._store._run(
+            self._store.conn.execute,
+            "INSERT INTO audit_staged VALUES (?,?,?,?,?,?,?)",
+            (row.staged_id, row.at_us, row.actor, row.action, row.target, row.before,
+             row.after),
+        )
+
+    async def staged_audits(self) -> list[StagedAudit]:
+        def fetch() -> list[StagedAudit]:
+            rows = self._store.conn.execute(
+                f"SELECT {STAGED_AUDIT_COLUMNS} FROM audit_staged ORDER BY at_us, staged_id"
+            ).fetchall()
+            return [StagedAudit(*r) for r in rows]
+
+        return await self._store._run(fetch)
+
+    async def drop_staged_audits(self, staged_ids: Sequence[str]) -> None:
+        await self._store._run(
+            self._store.conn.executemany,
+            "DELETE FROM audit_staged WHERE staged_id = ?", [(i,) for i in staged_ids],
+        )
+
+    async def relayed_audits(self, staged_ids: Sequence[str]) -> set[str]:
+        def fetch() -> set[str]:
+            conn = self._store.conn
+            return {
+                i for i in staged_ids
+                if conn.execute(
+                    "SELECT 1 FROM audit_relayed WHERE staged_id = ?", (i,)
+                ).fetchone()
+            }
+
+        return await self._store._run(fetch)
+
+    async def mark_audit_relayed(self, staged_id: str, seq: int) -> None:
+        await self._store._run(
+            self._store.conn.execute, "INSERT INTO audit_relayed VALUES (?,?)", (staged_id, seq)
         )
 
     # --- end REST API ----------------------------------------------------------------------

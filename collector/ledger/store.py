@@ -109,6 +109,22 @@ class LedgerTx(Protocol):
 
     async def insert_audit(self, row: AuditRow) -> None: ...
 
+    # --- audit rows of changes on an account's shard (collector.audit) ------------------
+    async def stage_audit(self, row: StagedAudit) -> None:
+        """Keep ``row`` on this shard, in this transaction, for the control shard's log."""
+
+    async def staged_audits(self) -> list[StagedAudit]:
+        """The rows staged on this shard and not yet dropped, oldest first."""
+
+    async def drop_staged_audits(self, staged_ids: Sequence[str]) -> None: ...
+
+    async def relayed_audits(self, staged_ids: Sequence[str]) -> set[str]:
+        """Which of these staged rows this (the control) shard's log already holds."""
+
+    async def mark_audit_relayed(self, staged_id: str, seq: int) -> None:
+        """Note that the log's row ``seq`` is staged row ``staged_id``; a second note of
+        the same staged row fails (its unique key)."""
+
     # --- end REST API ------------------------------------------------------------------
 
     # --- fleet health (control shard) -------------------------------------------------
@@ -447,6 +463,24 @@ class AuditRow:
     after: str
     prev_hash: str
     hash: str
+
+
+@dataclass(frozen=True, slots=True)
+class StagedAudit:
+    """An audit row written with a change on an account's shard, in the change's own
+    transaction, until it is appended to the control shard's log (collector.audit);
+    ``before`` and ``after`` are canonical JSON text."""
+
+    staged_id: str
+    at_us: int
+    actor: str
+    action: str
+    target: str
+    before: str
+    after: str
+
+
+STAGED_AUDIT_COLUMNS = "staged_id, at_us, actor, action, target, before_json, after_json"
 
 
 # --- end REST API -------------------------------------------------------------------------

@@ -31,6 +31,7 @@ from typing import Any
 import asyncpg
 import pytest
 
+from collector.ledger.sharding import SLOTS
 from tests.harness import ROOT
 from tests.ledger.helpers import TARIFF
 
@@ -166,6 +167,11 @@ def logged_since(text: str, *paths: Path) -> Callable[[], bool]:
 # -- configuration ---------------------------------------------------------------------
 
 
+def _first_slot(shard: int, shards: int) -> int:
+    """The first slot :meth:`ShardMap.even` gives ``shard`` of ``shards``."""
+    return -(-shard * SLOTS // shards)
+
+
 def collector_config(
     workdir: Path,
     pki: Path,
@@ -179,8 +185,12 @@ def collector_config(
     """A collector config listening for gRPC on a fixed ``port`` (agents keep their
     address across restarts); SQLite ledger unless PostgreSQL ``shards`` are given."""
     (workdir / "tariff.toml").write_text(TARIFF)
-    if shards:
-        ledger = "".join(f'[[ledger.shards]]\ndsn = "{dsn}"\n\n' for dsn in shards)
+    if shards:  # the slots split evenly, in order, as ShardMap.even splits them
+        ledger = "".join(
+            f'[[ledger.shards]]\ndsn = "{dsn}"\n'
+            f'slots = ["{_first_slot(i, len(shards))}-{_first_slot(i + 1, len(shards)) - 1}"]\n\n'
+            for i, dsn in enumerate(shards)
+        )
     else:
         ledger = '[ledger]\nsqlite_path = "ledger.db"\n'
     assigned = "".join(
