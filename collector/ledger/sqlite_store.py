@@ -37,6 +37,7 @@ from collector.ledger.journal import (
 from collector.ledger.outbox import encode_data
 from collector.ledger.store import (
     AUDIT_COLUMNS,
+    AUDIT_STAGING_SCHEMA,
     BUCKETS,
     CREDIT_NOTE_COLUMNS,
     ENTRY_RECORDS_SQL,
@@ -185,22 +186,7 @@ CREATE TABLE IF NOT EXISTS audit_log (
     hash        TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS audit_log_at ON audit_log (at_us);
--- Audit rows of changes on an account's shard, written in the change's transaction
--- and appended to the control shard's log after it commits (collector.audit);
--- audit_relayed, on the control shard, says which staged rows the log already holds.
-CREATE TABLE IF NOT EXISTS audit_staged (
-    staged_id   TEXT PRIMARY KEY,
-    at_us       BIGINT NOT NULL,
-    actor       TEXT NOT NULL,
-    action      TEXT NOT NULL,
-    target      TEXT NOT NULL,
-    before_json TEXT NOT NULL,
-    after_json  TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS audit_relayed (
-    staged_id TEXT PRIMARY KEY,
-    seq       BIGINT NOT NULL
-);
+""" + AUDIT_STAGING_SCHEMA + """
 CREATE TRIGGER IF NOT EXISTS audit_log_no_update BEFORE UPDATE ON audit_log
 BEGIN SELECT RAISE(ABORT, 'meterd: audit_log is append-only'); END;
 CREATE TRIGGER IF NOT EXISTS audit_log_no_delete BEFORE DELETE ON audit_log

@@ -481,6 +481,23 @@ class StagedAudit:
 
 
 STAGED_AUDIT_COLUMNS = "staged_id, at_us, actor, action, target, before_json, after_json"
+# Both stores' tables for them (every shard has both; only the control shard's
+# audit_relayed is written).
+AUDIT_STAGING_SCHEMA = """
+CREATE TABLE IF NOT EXISTS audit_staged (
+    staged_id   TEXT PRIMARY KEY,
+    at_us       BIGINT NOT NULL,
+    actor       TEXT NOT NULL,
+    action      TEXT NOT NULL,
+    target      TEXT NOT NULL,
+    before_json TEXT NOT NULL,
+    after_json  TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS audit_relayed (
+    staged_id TEXT PRIMARY KEY,
+    seq       BIGINT NOT NULL
+);
+"""
 
 
 # --- end REST API -------------------------------------------------------------------------
