@@ -28,7 +28,7 @@ from agent.spool import Spool
 from agent.transport import CollectorLink, PushFailed
 from common import logs
 from common.proto import meterd_pb2 as pb
-from common.wire import to_proto
+from common.wire import to_columns, to_proto
 
 log = logs.get("agent.shipper")
 
@@ -87,6 +87,7 @@ class Shipper:
         self._version = version
         self._clock_us = clock_us
         self.wake = asyncio.Event()
+        self._rows_only = False  # a collector answered none of a batch sent as columns
 
     async def ship_batch(self) -> BatchResult | None:
         """Send one batch; None when the spool is empty. Raises :class:`ShipFailed`."""
@@ -104,8 +105,12 @@ class Shipper:
             await asyncio.to_thread(self._spool.retired_seqs, MAX_RETIRED_RANGES)
             if self._spool.has_retired_seqs else []
         )
+        # The column form (each series of the batch once) unless the collector has
+        # shown it does not read it; a batch of several hosts can only go as rows.
+        columns = None if self._rows_only else to_columns(batch)
         request = pb.PushRequest(
-            records=[to_proto(r) for r in batch],
+            records=[] if columns is not None else [to_proto(r) for r in batch],
+            columns=columns,
             agent_version=self._version,
             sent_at_us=self._clock_us(),
             backlog_records=stats.records,
@@ -127,6 +132,11 @@ class Shipper:
             raise ShipFailed(message, s.backoff_max_seconds) from None
         if retired:
             await asyncio.to_thread(self._spool.forget_retired_seqs, [r[0] for r in retired])
+        if columns is not None and not response.acks:
+            # A collector older than the column form reads no record from it and answers
+            # none: from now on this agent sends rows, and the batch goes again as rows.
+            self._rows_only = True
+            log.warning("collector_reads_rows_only", records=len(batch))
         acked = [a.id for a in response.acks if a.outcome in (pb.ACCEPTED, pb.DUPLICATE)]
         rejected = [(a.id, a.reason) for a in response.acks if a.outcome == pb.REJECTED]
         if acked:

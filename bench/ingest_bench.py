@@ -66,7 +66,9 @@ from bench.support import (  # noqa: E402
 )
 from common.ids import new_id  # noqa: E402
 from common.proto import meterd_pb2 as pb  # noqa: E402
+from common.records import build_record  # noqa: E402
 from common.tls import grpc_channel_credentials  # noqa: E402
+from common.wire import column_messages, to_columns, to_proto  # noqa: E402
 
 TARGET_RATE = 50_000
 TARGET_FRACTION = 0.30
@@ -137,25 +139,37 @@ class Host:
     epoch: str = field(default_factory=new_id)  # the agent's spool: its sequence epoch
 
 
-def make_batch(h: Host, count: int, start_us: int, rng: random.Random) -> bytes:
-    """One encoded PushRequest of ``count`` records of host ``h``, continuing its cycles."""
+def make_batch(h: Host, count: int, start_us: int, rng: random.Random,
+               form: str = "columns") -> bytes:
+    """One encoded PushRequest of ``count`` records of host ``h``, continuing its cycles:
+    in column form, as the agent sends it, or with ``form="rows"`` one message per record."""
     records = []
     for _ in range(count):
         metric, unit, label, value = SERIES[h.seq % len(SERIES)]
         vm = (h.seq // len(SERIES)) % 16
         window = start_us + h.cycle * 10_000_000
-        records.append(pb.UsageRecord(
-            id=new_id(), host_id=h.host, metric=metric, quantity=quantity(metric, rng),
-            unit=unit, start_us=window, end_us=window + 10_000_000, seq=h.seq,
-            labels={label: value.format(i=vm)} if label else {},
+        records.append(build_record(
+            new_id(), h.host, metric, quantity(metric, rng), unit, window,
+            window + 10_000_000, h.seq, {label: value.format(i=vm)} if label else {},
         ))
         h.seq += 1
         if h.seq % (len(SERIES) * 16) == 0:
             h.cycle += 1
-    request = pb.PushRequest(records=records, agent_version="bench",
-                             sent_at_us=time.time_ns() // 1000, seq_epoch=h.epoch,
-                             seq_epoch_start=0)
+    request = pb.PushRequest(agent_version="bench", sent_at_us=time.time_ns() // 1000,
+                             seq_epoch=h.epoch, seq_epoch_start=0)
+    if form == "rows":
+        request.records.extend(map(to_proto, records))
+    else:
+        request.columns.CopyFrom(to_columns(records))
     return request.SerializeToString()
+
+
+def messages_of(payload: bytes) -> Sequence[pb.UsageRecord]:
+    """The record messages of an encoded PushRequest, in either form."""
+    request = pb.PushRequest.FromString(payload)
+    if request.HasField("columns"):
+        return column_messages(request.columns)[0]
+    return request.records
 
 
 # -- the collector ---------------------------------------------------------------------
@@ -412,7 +426,7 @@ def rows_of(payloads: Sequence[bytes], account_of: dict[str, str]) -> list[list[
     for payload in payloads:
         entry = new_id()
         rows = []
-        for r in pb.PushRequest.FromString(payload).records:
+        for r in messages_of(payload):
             rows.append((r.id, account_of[r.host_id], entry, r.host_id, r.metric, r.unit,
                          Decimal(r.quantity), r.start_us, r.end_us, r.seq,
                          json.dumps(dict(r.labels), sort_keys=True), now))
@@ -513,8 +527,8 @@ async def with_collector(args: argparse.Namespace, workdir: Path, pki_dir: Path,
 
 
 def encode_batches(hosts: Sequence[Host], per_host: int, batch: int, start_us: int,
-                   rng: random.Random) -> dict[str, list[bytes]]:
-    return {h.host: [make_batch(h, batch, start_us, rng) for _ in range(per_host)]
+                   rng: random.Random, form: str = "columns") -> dict[str, list[bytes]]:
+    return {h.host: [make_batch(h, batch, start_us, rng, form) for _ in range(per_host)]
             for h in hosts}
 
 
@@ -542,14 +556,16 @@ async def run(args: argparse.Namespace) -> int:
     ceiling = naive = None
     try:
         t = time.perf_counter()
-        one = encode_batches(hosts, per_host, args.batch, start_us, rng)
+        one = encode_batches(hosts, per_host, args.batch, start_us, rng, args.form)
         lat_per_host = max(1, round(args.latency_seconds * args.offered
                                     / (args.latency_agents * args.latency_batch)))
-        paced = (encode_batches(lat_hosts, lat_per_host, args.latency_batch, start_us, rng)
+        paced = (encode_batches(lat_hosts, lat_per_host, args.latency_batch, start_us, rng,
+                                 args.form)
                  if "paced" in phases_wanted else {})
         print(f"encoded {sum(map(len, one.values())) * args.batch:,} + "
-              f"{sum(map(len, paced.values())) * args.latency_batch:,} records in "
-              f"{time.perf_counter() - t:.1f} s")
+              f"{sum(map(len, paced.values())) * args.latency_batch:,} records "
+              f"({'column form' if args.form == 'columns' else 'a message per record'})"
+              f" in {time.perf_counter() - t:.1f} s")
 
         # -- one shard: throughput, then the paced latency run ------------------------
         if phases_wanted & {"throughput", "paced"}:
@@ -581,7 +597,7 @@ async def run(args: argparse.Namespace) -> int:
 
         # -- four shards -------------------------------------------------------------
         if "sharded" in phases_wanted and args.shards > 1:
-            four = encode_batches(hosts, per_host, args.batch, start_us, rng)
+            four = encode_batches(hosts, per_host, args.batch, start_us, rng, args.form)
             dsns = [await databases.create() for _ in range(args.shards)]
 
             async def sharded(clients: Sequence[Client], cpu: Cpu) -> list[Phase]:
@@ -597,7 +613,7 @@ async def run(args: argparse.Namespace) -> int:
 
         # -- two collector processes, one shard -----------------------------------------
         if "two" in phases_wanted:
-            more = encode_batches(hosts, per_host, args.batch, start_us, rng)
+            more = encode_batches(hosts, per_host, args.batch, start_us, rng, args.form)
             dsn2 = await databases.create()
 
             async def two(clients: Sequence[Client], cpu: Cpu) -> list[Phase]:
@@ -683,6 +699,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--naive-connections", type=int, default=10)
     parser.add_argument("--phases", default=",".join(PHASES),
                         help=f"comma-separated subset of {','.join(PHASES)} (default: all)")
+    parser.add_argument("--form", choices=("columns", "rows"), default="columns",
+                        help="how agents send records: in column form, as the agent does"
+                        " (default), or one message per record, as agents before it did")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     args = parser.parse_args(argv)

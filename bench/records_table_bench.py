@@ -28,11 +28,10 @@ from collections.abc import Sequence
 
 import asyncpg
 
-from bench.ingest_bench import Host, make_batch
+from bench.ingest_bench import Host, make_batch, messages_of
 from bench.support import machine, process_cpu_ns
 from collector.ledger.postgres_store import _RECORD_COLUMNS, SCHEMA, _copy_text
 from common.ids import new_id
-from common.proto import meterd_pb2 as pb
 from common.records import UsageRecord, build_records
 
 # The ledger's records table, as created (collector.ledger.postgres_store.SCHEMA).
@@ -72,7 +71,7 @@ def ledger_rows(agents: int, batches: int, batch: int, seed: int) -> list[bytes]
     out = []
     for _ in range(batches):
         for h in hosts:
-            messages = pb.PushRequest.FromString(make_batch(h, batch, start_us, rng)).records
+            messages = messages_of(make_batch(h, batch, start_us, rng))
             records: list[UsageRecord] | None = build_records(
                 [m.id for m in messages], [m.host_id for m in messages],
                 [m.metric for m in messages], [m.quantity for m in messages],

@@ -11,6 +11,13 @@ record of it valid, new in the batch and on time, is checked a column at a time
 (:func:`common.records.build_records`); any other goes record by record, so each
 refused record gets its own reason.
 
+A request carries its records in one of two forms: a message per record
+(``records``), or column by column (``columns``, what the agent sends: each metric,
+unit and label set once per series of the batch, read and checked once, see
+:func:`common.records.build_series_records`). Columns of different lengths, or both
+forms in one request, refuse the call with INVALID_ARGUMENT; a record whose series
+index names no series is rejected with its reason.
+
 Every call also accounts for its seqs (the host's sequence numbers of the records it
 answers for, and the ranges the agent's spool compaction retired): see
 :mod:`collector.sequences`. They are written with the call's postings, so an
@@ -29,7 +36,7 @@ from __future__ import annotations
 import functools
 import operator
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 
 import grpc
 
@@ -42,9 +49,9 @@ from common import logs
 from common.errors import RecordError, SecurityError, StoreUnavailable
 from common.proto import meterd_pb2 as pb
 from common.proto import meterd_pb2_grpc as pb_grpc
-from common.records import MAX_STORED_SEQ, UsageRecord, build_records
+from common.records import MAX_STORED_SEQ, UsageRecord, build_records, build_series_records
 from common.tls import PEER_CERTIFICATE_KEY, peer_certificate_serial, peer_host_id
-from common.wire import from_proto
+from common.wire import column_lengths_problem, column_messages, from_proto
 
 log = logs.get("collector.ingest")
 
@@ -125,7 +132,15 @@ class IngestService(pb_grpc.IngestServicer):
                 grpc.StatusCode.PERMISSION_DENIED,
                 f"certificate serial {serial:x} of host {host_id!r} is on the deny list",
             )
-        count = len(request.records)
+        if request.HasField("columns"):
+            problem = column_lengths_problem(request.columns)
+            if request.records:
+                problem = "a request carries its records as `records` or as `columns`, not both"
+            if problem:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
+            count = len(request.columns.ids)
+        else:
+            count = len(request.records)
         if count > self._config.max_batch_records:
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT,
@@ -168,11 +183,19 @@ class IngestService(pb_grpc.IngestServicer):
         valid: list[UsageRecord] = []
         late: list[UsageRecord] = []  # beyond the maximum lateness (collector.billing)
         seqs: list[int] = []  # of every message that will be answered for
-        fast = self._whole_batch(request, host_id, latest_end, earliest_end)
+        messages: Sequence[pb.UsageRecord] = request.records
+        refused: Mapping[int, str] = {}  # message index -> reason, known before validation
+        if request.HasField("columns"):
+            columns = request.columns
+            fast = self._whole_columns(columns, host_id, latest_end, earliest_end)
+            if fast is None:
+                messages, refused = column_messages(columns)
+        else:
+            fast = self._whole_batch(request, host_id, latest_end, earliest_end)
         if fast is not None:
             ids, valid, seqs = fast
         else:
-            self._one_by_one(request, host_id, latest_end, earliest_end, now_us,
+            self._one_by_one(messages, refused, host_id, latest_end, earliest_end, now_us,
                              ids, rejected, repeated, valid, late, seqs)
         marks = seq_marks(host_id, epoch, epoch_start, seqs, retired, now_us)
         outcomes: dict[str, Outcome] = {}
@@ -289,9 +312,36 @@ class IngestService(pb_grpc.IngestServicer):
             return None
         return ids, records, seqs
 
+    @staticmethod
+    def _whole_columns(
+        columns: pb.RecordColumns, host_id: str, latest_end: int, earliest_end: int
+    ) -> tuple[list[str], list[UsageRecord], list[int]] | None:
+        """:meth:`_whole_batch` for a batch in column form (columns of equal lengths):
+        each series checked once, each column read whole."""
+        ids = list(columns.ids)
+        if not ids or columns.host_id != host_id:
+            return None
+        ends, seqs = list(columns.end_us), list(columns.seqs)
+        if max(ends) > latest_end or min(ends) < earliest_end or max(seqs) > MAX_STORED_SEQ:
+            return None
+        records = build_series_records(
+            host_id,
+            ids,
+            list(columns.series),
+            [(s.metric, s.unit, s.labels) for s in columns.series_table],
+            list(columns.quantities),
+            list(columns.start_us),
+            ends,
+            seqs,
+        )
+        if records is None or len(set(ids)) != len(ids):
+            return None
+        return ids, records, seqs
+
     def _one_by_one(
         self,
-        request: pb.PushRequest,
+        messages: Sequence[pb.UsageRecord],
+        refused: Mapping[int, str],
         host_id: str,
         latest_end: int,
         earliest_end: int,
@@ -304,11 +354,16 @@ class IngestService(pb_grpc.IngestServicer):
         seqs: list[int],
     ) -> None:
         """Each record on its own, with its reason when it is refused (any batch that
-        :meth:`_whole_batch` does not take)."""
+        :meth:`_whole_batch` does not take); ``refused`` are rejected with their reason."""
         validate = self._validate
         first: dict[str, UsageRecord] = {}
-        for index, message in enumerate(request.records):
+        for index, message in enumerate(messages):
             ids.append(message.id)
+            reason = refused.get(index)
+            if reason is not None:
+                rejected[index] = reason
+                seqs.append(message.seq)
+                continue
             try:
                 record = validate(message, host_id, latest_end, earliest_end, now_us)
             except RecordError as exc:

@@ -345,16 +345,93 @@ def build_records(
     The same rules as :func:`build_record`, checked a column at a time: a list is
     returned only if :func:`build_record` would build each record (equal to what it
     builds); on None the caller builds them one by one for each verdict and reason."""
-    n = len(record_ids)
-    if not n:
+    if not record_ids:
         return []
     if not (
-        _text_column(record_ids, _UUID_COLUMN)
-        and _names_valid(host_ids, _VALID_HOSTS, HOST_ID)
+        _names_valid(host_ids, _VALID_HOSTS, HOST_ID)
         and _names_valid(metrics, _VALID_METRICS, METRIC_NAME)
+        and _units_valid(units)
+    ):
+        return None
+    try:
+        frozen = list(map(_labels, labels))
+    except RecordError:
+        return None
+    return _assembled(
+        record_ids, host_ids, metrics, quantities, units, starts_us, ends_us, seqs, frozen
+    )
+
+
+def build_series_records(
+    host_id: str,
+    record_ids: Sequence[str],
+    series: Sequence[int],
+    series_table: Sequence[tuple[str, str, Mapping[str, str]]],
+    quantities: Sequence[str],
+    starts_us: Sequence[int],
+    ends_us: Sequence[int],
+    seqs: Sequence[int],
+) -> list[UsageRecord] | None:
+    """:func:`build_records` for records of one host whose metric, unit and labels are
+    given once per series: ``series_table[series[i]]`` is the (metric, unit, labels) of
+    the i-th record. Each series is checked and its labels frozen once, and its records
+    share its objects. None unless every record is valid with its quantity in plain
+    decimal text and every index names an entry of the table (in which case
+    :func:`build_record` builds each record equal to this one)."""
+    if not record_ids:
+        return []
+    if len(series) != len(record_ids) or not _column_types(series, int):
+        return None
+    metrics_of, units_of, labels_of = [], [], []
+    try:
+        for metric, unit, labels in series_table:
+            metrics_of.append(metric)
+            units_of.append(unit)
+            labels_of.append(_labels(labels))
+    except RecordError:
+        return None
+    if not (
+        min(series) >= 0
+        and max(series) < len(series_table)
+        and _names_valid((host_id,), _VALID_HOSTS, HOST_ID)
+        and _names_valid(metrics_of, _VALID_METRICS, METRIC_NAME)
+        and _units_valid(units_of)
+    ):
+        return None
+    return _assembled(
+        record_ids,
+        list(repeat(host_id, len(record_ids))),
+        list(map(metrics_of.__getitem__, series)),
+        quantities,
+        list(map(units_of.__getitem__, series)),
+        starts_us,
+        ends_us,
+        seqs,
+        list(map(labels_of.__getitem__, series)),
+    )
+
+
+def _assembled(
+    record_ids: Sequence[str],
+    host_ids: Sequence[str],
+    metrics: Sequence[str],
+    quantities: Sequence[str],
+    units: Sequence[str],
+    starts_us: Sequence[int],
+    ends_us: Sequence[int],
+    seqs: Sequence[int],
+    frozen: Sequence[Mapping[str, str]],
+) -> list[UsageRecord] | None:
+    """The records, once host ids, metrics, units and labels (frozen) are known valid:
+    the other columns checked here, every column of the same length (a count of
+    records, at least one), or None."""
+    n = len(record_ids)
+    if not (
+        len(host_ids) == len(metrics) == len(quantities) == len(units) == len(starts_us)
+        == len(ends_us) == len(seqs) == len(frozen) == n
+        and _text_column(record_ids, _UUID_COLUMN)
         and _text_column(quantities, _PLAIN_QUANTITY_COLUMN)
         and max(map(len, quantities)) <= _PLAIN_QUANTITY_MAX_LEN
-        and _units_valid(units)
         and _column_types(starts_us, int)
         and _column_types(ends_us, int)
         and _column_types(seqs, int)
@@ -364,10 +441,6 @@ def build_records(
         and min(seqs) >= 0
         and max(seqs) <= MAX_SEQ
     ):
-        return None
-    try:
-        frozen = list(map(_labels, labels))
-    except RecordError:
         return None
     values = list(map(Decimal, quantities))
     texts = [q if "." not in q or q[-1] != "0" else "" for q in quantities]

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from common.errors import RecordError
 from common.proto import meterd_pb2 as pb
-from common.records import UsageRecord, build_record, build_records
+from common.records import UsageRecord, build_record, build_records, build_series_records
 from tests.test_records import ids, labels, quantities
 
 rows = st.tuples(
@@ -46,6 +46,59 @@ def test_a_batch_gets_the_verdicts_of_its_records(batch: list[tuple[object, ...]
             for q in columns[3]
         )
         assert expected is None or not plain
+        return
+    assert expected is not None
+    assert built == expected
+    assert [r.quantity_text for r in built] == [r.quantity_text for r in expected]
+    assert all(a.labels is b.labels for a, b in zip(built, expected, strict=True))
+
+
+series_entries = st.tuples(
+    st.sampled_from(["net.tx_bytes", "cpu.seconds", "x"]),
+    st.sampled_from(["bytes", "seconds", "furlongs"]),
+    st.one_of(labels, st.just({}), st.just({"cgroup": "a"})),
+)
+series_rows = st.tuples(
+    st.one_of(ids, st.uuids().map(str), st.uuids().map(str)),
+    st.integers(0, 3),  # an index into the table, which may have fewer entries
+    st.one_of(quantities, st.sampled_from(["0", "1", "1.5", "1.50", "12345678901234567890"])),
+    st.integers(-1, 3),
+    st.integers(-1, 3),
+    st.integers(-1, 3),
+)
+
+
+@given(
+    st.sampled_from(["host-a", "bad host"]),
+    st.lists(series_entries, min_size=1, max_size=3),
+    st.lists(series_rows, min_size=1, max_size=4),
+)
+def test_a_batch_by_series_gets_the_verdicts_of_its_records(
+    host: str,
+    table: list[tuple[str, str, dict[str, str]]],
+    batch: list[tuple[str, int, str, int, int, int]],
+) -> None:
+    record_ids, kinds, amounts, starts, ends, seqs = (list(c) for c in zip(*batch, strict=True))
+    built = build_series_records(host, record_ids, kinds, table, amounts, starts, ends, seqs)
+    if any(k >= len(table) for k in kinds):
+        assert built is None  # the caller rejects those records with their own reason
+        return
+    rows = [(i, host, table[k][0], q, table[k][1], s, e, n, table[k][2])
+            for i, k, q, s, e, n in batch]
+    expected = one_by_one(rows)
+    if built is None:  # the caller then goes record by record
+        plain = all(
+            q == q.strip() and q.replace(".", "", 1).isdigit() and "e" not in q
+            and (q == "0" or not q.startswith("0")) and len(q) <= 30
+            and len(q.partition(".")[2]) <= 18
+            for q in amounts
+        )
+        # A series no record uses is checked too: a bad one sends the batch that way.
+        unused_bad = any(
+            one_by_one([(str(uuid.uuid4()), host, m, "1", u, 0, 0, 0, lab)]) is None
+            for j, (m, u, lab) in enumerate(table) if j not in kinds
+        )
+        assert expected is None or not plain or unused_bad
         return
     assert expected is not None
     assert built == expected

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x63ommon/proto/meterd.proto\x12\tmeterd.v1\"\xec\x01\n\x0bUsageRecord\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07host_id\x18\x02 \x01(\t\x12\x0e\n\x06metric\x18\x03 \x01(\t\x12\x10\n\x08quantity\x18\x04 \x01(\t\x12\x0c\n\x04unit\x18\x05 \x01(\t\x12\x10\n\x08start_us\x18\x06 \x01(\x03\x12\x0e\n\x06\x65nd_us\x18\x07 \x01(\x03\x12\x0b\n\x03seq\x18\x08 \x01(\x04\x12\x32\n\x06labels\x18\t \x03(\x0b\x32\".meterd.v1.UsageRecord.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x96\x02\n\x0bPushRequest\x12\'\n\x07records\x18\x01 \x03(\x0b\x32\x16.meterd.v1.UsageRecord\x12\x15\n\ragent_version\x18\x02 \x01(\t\x12\x12\n\nsent_at_us\x18\x03 \x01(\x03\x12\x17\n\x0f\x62\x61\x63klog_records\x18\x04 \x01(\x04\x12\x19\n\x0c\x64\x65\x61\x64_letters\x18\x05 \x01(\x04H\x00\x88\x01\x01\x12\x11\n\tseq_epoch\x18\x06 \x01(\t\x12\x1c\n\x0fseq_epoch_start\x18\x07 \x01(\x04H\x01\x88\x01\x01\x12)\n\x0cretired_seqs\x18\x08 \x03(\x0b\x32\x13.meterd.v1.SeqRangeB\x0f\n\r_dead_lettersB\x12\n\x10_seq_epoch_start\"\'\n\x08SeqRange\x12\r\n\x05\x66irst\x18\x01 \x01(\x04\x12\x0c\n\x04last\x18\x02 \x01(\x04\"L\n\tRecordAck\x12\n\n\x02id\x18\x01 \x01(\t\x12#\n\x07outcome\x18\x02 \x01(\x0e\x32\x12.meterd.v1.Outcome\x12\x0e\n\x06reason\x18\x03 \x01(\t\"I\n\x0cPushResponse\x12\"\n\x04\x61\x63ks\x18\x01 \x03(\x0b\x32\x14.meterd.v1.RecordAck\x12\x15\n\rclock_skew_us\x18\x02 \x01(\x03*M\n\x07Outcome\x12\x17\n\x13OUTCOME_UNSPECIFIED\x10\x00\x12\x0c\n\x08\x41\x43\x43\x45PTED\x10\x01\x12\r\n\tDUPLICATE\x10\x02\x12\x0c\n\x08REJECTED\x10\x03\x32\x41\n\x06Ingest\x12\x37\n\x04Push\x12\x16.meterd.v1.PushRequest\x1a\x17.meterd.v1.PushResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x63ommon/proto/meterd.proto\x12\tmeterd.v1\"\xec\x01\n\x0bUsageRecord\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07host_id\x18\x02 \x01(\t\x12\x0e\n\x06metric\x18\x03 \x01(\t\x12\x10\n\x08quantity\x18\x04 \x01(\t\x12\x0c\n\x04unit\x18\x05 \x01(\t\x12\x10\n\x08start_us\x18\x06 \x01(\x03\x12\x0e\n\x06\x65nd_us\x18\x07 \x01(\x03\x12\x0b\n\x03seq\x18\x08 \x01(\x04\x12\x32\n\x06labels\x18\t \x03(\x0b\x32\".meterd.v1.UsageRecord.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xc1\x02\n\x0bPushRequest\x12\'\n\x07records\x18\x01 \x03(\x0b\x32\x16.meterd.v1.UsageRecord\x12\x15\n\ragent_version\x18\x02 \x01(\t\x12\x12\n\nsent_at_us\x18\x03 \x01(\x03\x12\x17\n\x0f\x62\x61\x63klog_records\x18\x04 \x01(\x04\x12\x19\n\x0c\x64\x65\x61\x64_letters\x18\x05 \x01(\x04H\x00\x88\x01\x01\x12\x11\n\tseq_epoch\x18\x06 \x01(\t\x12\x1c\n\x0fseq_epoch_start\x18\x07 \x01(\x04H\x01\x88\x01\x01\x12)\n\x0cretired_seqs\x18\x08 \x03(\x0b\x32\x13.meterd.v1.SeqRange\x12)\n\x07\x63olumns\x18\t \x01(\x0b\x32\x18.meterd.v1.RecordColumnsB\x0f\n\r_dead_lettersB\x12\n\x10_seq_epoch_start\"\xaa\x01\n\rRecordColumns\x12\x0f\n\x07host_id\x18\x01 \x01(\t\x12\x0b\n\x03ids\x18\x02 \x03(\t\x12\x0e\n\x06series\x18\x03 \x03(\r\x12\x12\n\nquantities\x18\x04 \x03(\t\x12\x10\n\x08start_us\x18\x05 \x03(\x03\x12\x0e\n\x06\x65nd_us\x18\x06 \x03(\x03\x12\x0c\n\x04seqs\x18\x07 \x03(\x04\x12\'\n\x0cseries_table\x18\x08 \x03(\x0b\x32\x11.meterd.v1.Series\"\x84\x01\n\x06Series\x12\x0e\n\x06metric\x18\x01 \x01(\t\x12\x0c\n\x04unit\x18\x02 \x01(\t\x12-\n\x06labels\x18\x03 \x03(\x0b\x32\x1d.meterd.v1.Series.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\'\n\x08SeqRange\x12\r\n\x05\x66irst\x18\x01 \x01(\x04\x12\x0c\n\x04last\x18\x02 \x01(\x04\"L\n\tRecordAck\x12\n\n\x02id\x18\x01 \x01(\t\x12#\n\x07outcome\x18\x02 \x01(\x0e\x32\x12.meterd.v1.Outcome\x12\x0e\n\x06reason\x18\x03 \x01(\t\"I\n\x0cPushResponse\x12\"\n\x04\x61\x63ks\x18\x01 \x03(\x0b\x32\x14.meterd.v1.RecordAck\x12\x15\n\rclock_skew_us\x18\x02 \x01(\x03*M\n\x07Outcome\x12\x17\n\x13OUTCOME_UNSPECIFIED\x10\x00\x12\x0c\n\x08\x41\x43\x43\x45PTED\x10\x01\x12\r\n\tDUPLICATE\x10\x02\x12\x0c\n\x08REJECTED\x10\x03\x32\x41\n\x06Ingest\x12\x37\n\x04Push\x12\x16.meterd.v1.PushRequest\x1a\x17.meterd.v1.PushResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,20 +33,28 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_USAGERECORD_LABELSENTRY']._loaded_options = None
   _globals['_USAGERECORD_LABELSENTRY']._serialized_options = b'8\001'
-  _globals['_OUTCOME']._serialized_start=754
-  _globals['_OUTCOME']._serialized_end=831
+  _globals['_SERIES_LABELSENTRY']._loaded_options = None
+  _globals['_SERIES_LABELSENTRY']._serialized_options = b'8\001'
+  _globals['_OUTCOME']._serialized_start=1105
+  _globals['_OUTCOME']._serialized_end=1182
   _globals['_USAGERECORD']._serialized_start=41
   _globals['_USAGERECORD']._serialized_end=277
   _globals['_USAGERECORD_LABELSENTRY']._serialized_start=232
   _globals['_USAGERECORD_LABELSENTRY']._serialized_end=277
   _globals['_PUSHREQUEST']._serialized_start=280
-  _globals['_PUSHREQUEST']._serialized_end=558
-  _globals['_SEQRANGE']._serialized_start=560
-  _globals['_SEQRANGE']._serialized_end=599
-  _globals['_RECORDACK']._serialized_start=601
-  _globals['_RECORDACK']._serialized_end=677
-  _globals['_PUSHRESPONSE']._serialized_start=679
-  _globals['_PUSHRESPONSE']._serialized_end=752
-  _globals['_INGEST']._serialized_start=833
-  _globals['_INGEST']._serialized_end=898
+  _globals['_PUSHREQUEST']._serialized_end=601
+  _globals['_RECORDCOLUMNS']._serialized_start=604
+  _globals['_RECORDCOLUMNS']._serialized_end=774
+  _globals['_SERIES']._serialized_start=777
+  _globals['_SERIES']._serialized_end=909
+  _globals['_SERIES_LABELSENTRY']._serialized_start=232
+  _globals['_SERIES_LABELSENTRY']._serialized_end=277
+  _globals['_SEQRANGE']._serialized_start=911
+  _globals['_SEQRANGE']._serialized_end=950
+  _globals['_RECORDACK']._serialized_start=952
+  _globals['_RECORDACK']._serialized_end=1028
+  _globals['_PUSHRESPONSE']._serialized_start=1030
+  _globals['_PUSHRESPONSE']._serialized_end=1103
+  _globals['_INGEST']._serialized_start=1184
+  _globals['_INGEST']._serialized_end=1249
 # @@protoc_insertion_point(module_scope)

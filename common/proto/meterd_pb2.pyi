@@ -48,7 +48,7 @@ class UsageRecord(_message.Message):
     def __init__(self, id: _Optional[str] = ..., host_id: _Optional[str] = ..., metric: _Optional[str] = ..., quantity: _Optional[str] = ..., unit: _Optional[str] = ..., start_us: _Optional[int] = ..., end_us: _Optional[int] = ..., seq: _Optional[int] = ..., labels: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class PushRequest(_message.Message):
-    __slots__ = ("records", "agent_version", "sent_at_us", "backlog_records", "dead_letters", "seq_epoch", "seq_epoch_start", "retired_seqs")
+    __slots__ = ("records", "agent_version", "sent_at_us", "backlog_records", "dead_letters", "seq_epoch", "seq_epoch_start", "retired_seqs", "columns")
     RECORDS_FIELD_NUMBER: _ClassVar[int]
     AGENT_VERSION_FIELD_NUMBER: _ClassVar[int]
     SENT_AT_US_FIELD_NUMBER: _ClassVar[int]
@@ -57,6 +57,7 @@ class PushRequest(_message.Message):
     SEQ_EPOCH_FIELD_NUMBER: _ClassVar[int]
     SEQ_EPOCH_START_FIELD_NUMBER: _ClassVar[int]
     RETIRED_SEQS_FIELD_NUMBER: _ClassVar[int]
+    COLUMNS_FIELD_NUMBER: _ClassVar[int]
     records: _containers.RepeatedCompositeFieldContainer[UsageRecord]
     agent_version: str
     sent_at_us: int
@@ -65,7 +66,45 @@ class PushRequest(_message.Message):
     seq_epoch: str
     seq_epoch_start: int
     retired_seqs: _containers.RepeatedCompositeFieldContainer[SeqRange]
-    def __init__(self, records: _Optional[_Iterable[_Union[UsageRecord, _Mapping]]] = ..., agent_version: _Optional[str] = ..., sent_at_us: _Optional[int] = ..., backlog_records: _Optional[int] = ..., dead_letters: _Optional[int] = ..., seq_epoch: _Optional[str] = ..., seq_epoch_start: _Optional[int] = ..., retired_seqs: _Optional[_Iterable[_Union[SeqRange, _Mapping]]] = ...) -> None: ...
+    columns: RecordColumns
+    def __init__(self, records: _Optional[_Iterable[_Union[UsageRecord, _Mapping]]] = ..., agent_version: _Optional[str] = ..., sent_at_us: _Optional[int] = ..., backlog_records: _Optional[int] = ..., dead_letters: _Optional[int] = ..., seq_epoch: _Optional[str] = ..., seq_epoch_start: _Optional[int] = ..., retired_seqs: _Optional[_Iterable[_Union[SeqRange, _Mapping]]] = ..., columns: _Optional[_Union[RecordColumns, _Mapping]] = ...) -> None: ...
+
+class RecordColumns(_message.Message):
+    __slots__ = ("host_id", "ids", "series", "quantities", "start_us", "end_us", "seqs", "series_table")
+    HOST_ID_FIELD_NUMBER: _ClassVar[int]
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    SERIES_FIELD_NUMBER: _ClassVar[int]
+    QUANTITIES_FIELD_NUMBER: _ClassVar[int]
+    START_US_FIELD_NUMBER: _ClassVar[int]
+    END_US_FIELD_NUMBER: _ClassVar[int]
+    SEQS_FIELD_NUMBER: _ClassVar[int]
+    SERIES_TABLE_FIELD_NUMBER: _ClassVar[int]
+    host_id: str
+    ids: _containers.RepeatedScalarFieldContainer[str]
+    series: _containers.RepeatedScalarFieldContainer[int]
+    quantities: _containers.RepeatedScalarFieldContainer[str]
+    start_us: _containers.RepeatedScalarFieldContainer[int]
+    end_us: _containers.RepeatedScalarFieldContainer[int]
+    seqs: _containers.RepeatedScalarFieldContainer[int]
+    series_table: _containers.RepeatedCompositeFieldContainer[Series]
+    def __init__(self, host_id: _Optional[str] = ..., ids: _Optional[_Iterable[str]] = ..., series: _Optional[_Iterable[int]] = ..., quantities: _Optional[_Iterable[str]] = ..., start_us: _Optional[_Iterable[int]] = ..., end_us: _Optional[_Iterable[int]] = ..., seqs: _Optional[_Iterable[int]] = ..., series_table: _Optional[_Iterable[_Union[Series, _Mapping]]] = ...) -> None: ...
+
+class Series(_message.Message):
+    __slots__ = ("metric", "unit", "labels")
+    class LabelsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    METRIC_FIELD_NUMBER: _ClassVar[int]
+    UNIT_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    metric: str
+    unit: str
+    labels: _containers.ScalarMap[str, str]
+    def __init__(self, metric: _Optional[str] = ..., unit: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class SeqRange(_message.Message):
     __slots__ = ("first", "last")

@@ -149,11 +149,9 @@ async def test_a_host_cannot_speak_for_another(collector: CollectorProcess, pki_
     assert sum(u["records"] for u in collector.get("/v1/accounts/acme/usage")["usage"]) == 3
 
 
-async def test_bad_records_are_rejected_with_reasons_and_the_rest_accepted(
-    collector: CollectorProcess, pki_dir: Path
-) -> None:
-    good = samples("host-a", 2, seed=4)
-    bad = [
+def bad_messages() -> list[pb.UsageRecord]:
+    """One record of host-a breaking each rule; :data:`BAD_REASONS` in the same order."""
+    return [
         pb.UsageRecord(
             id=new_id(),
             host_id="host-a",
@@ -215,30 +213,74 @@ async def test_bad_records_are_rejected_with_reasons_and_the_rest_accepted(
             seq=6,
         ),
     ]
+
+
+BAD_REASONS = [
+    "negative",
+    "more than",
+    "not decimal text",
+    "before its start",
+    "not a UUID",
+    "after the collector's clock",
+]
+
+
+def columns_of(messages: list[pb.UsageRecord]) -> pb.RecordColumns:
+    """Record messages of one host in column form, whatever they hold, each distinct
+    (metric, unit, labels) once in the series table."""
+    columns = pb.RecordColumns(host_id=messages[0].host_id)
+    table: dict[tuple[str, str, tuple[tuple[str, str], ...]], int] = {}
+    for m in messages:
+        key = (m.metric, m.unit, tuple(sorted(m.labels.items())))
+        if key not in table:
+            table[key] = len(table)
+            columns.series_table.add(metric=m.metric, unit=m.unit, labels=dict(m.labels))
+        columns.series.append(table[key])
+        columns.ids.append(m.id)
+        columns.quantities.append(m.quantity)
+        columns.start_us.append(m.start_us)
+        columns.end_us.append(m.end_us)
+        columns.seqs.append(m.seq)
+    return columns
+
+
+@pytest.mark.parametrize("form", ["rows", "columns"])
+async def test_bad_records_are_rejected_with_reasons_and_the_rest_accepted(
+    collector: CollectorProcess, pki_dir: Path, form: str
+) -> None:
+    good = samples("host-a", 2, seed=4)
+    bad = bad_messages()
+    reasons = list(BAD_REASONS)
+    messages = [*bad, *(to_proto(r) for r in good)]
+    if form == "rows":
+        request = pb.PushRequest(records=messages)
+    else:
+        columns = columns_of(messages)
+        # One more record in column form only: its series index names no series.
+        unknown = pb.UsageRecord(id=new_id(), seq=7)
+        columns.ids.append(unknown.id)
+        columns.series.append(len(columns.series_table) + 2)
+        columns.quantities.append("5")
+        columns.start_us.append(T0)
+        columns.end_us.append(T0 + 1)
+        columns.seqs.append(7)
+        bad.append(unknown)
+        reasons.append("is not in the batch's series table")
+        request = pb.PushRequest(columns=columns)
     ch = channel(pki_dir, "host-a", collector.target)
     try:
-        response = await pb_grpc.IngestStub(ch).Push(
-            pb.PushRequest(records=[*bad, *(to_proto(r) for r in good)]), timeout=10
-        )
+        response = await pb_grpc.IngestStub(ch).Push(request, timeout=10)
     finally:
         await ch.close()
+    sent = [m.id for m in request.records] if form == "rows" else list(request.columns.ids)
+    assert [a.id for a in response.acks] == sent  # one acknowledgement each, in order
     acks = {a.id: a for a in response.acks}
-    reasons = [acks[m.id].reason for m in bad]
     assert all(acks[m.id].outcome == pb.REJECTED for m in bad)
-    for reason, expected in zip(
-        reasons,
-        [
-            "negative",
-            "more than",
-            "not decimal text",
-            "before its start",
-            "not a UUID",
-            "after the collector's clock",
-        ],
-        strict=True,
-    ):
-        assert expected in reason
+    for m, expected in zip(bad, reasons, strict=True):
+        assert expected in acks[m.id].reason
     assert all(acks[r.id].outcome == pb.ACCEPTED for r in good)
+    usage = collector.get("/v1/accounts/acme/usage")["usage"]
+    assert sum(u["records"] for u in usage) == 2
 
 
 async def test_clients_without_a_trusted_certificate_are_refused(

@@ -1,0 +1,151 @@
+"""Records in column form (``PushRequest.columns``, what the agent sends): the same
+records, verdicts and ledger as one message per record; columns that cannot be read
+as records refuse the call with nothing written; an agent whose collector does not
+read the column form sends rows instead."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from agent.shipper import Shipper, ShipperSettings
+from agent.spool import Spool
+from common.proto import meterd_pb2 as pb
+from common.proto import meterd_pb2_grpc as pb_grpc
+from common.tls import grpc_server_credentials
+from common.wire import column_messages, to_columns, to_proto
+from tests.e2e.test_end_to_end import by_hand, channel, link, samples
+from tests.harness import CollectorProcess, collector_config
+
+Ctx = grpc.aio.ServicerContext[pb.PushRequest, pb.PushResponse]
+
+
+@pytest.fixture
+def collector(tmp_path: Path, pki_dir: Path) -> Iterator[CollectorProcess]:
+    proc = CollectorProcess(collector_config(tmp_path, pki_dir))
+    proc.start()
+    yield proc
+    proc.stop()
+
+
+async def push(pki_dir: Path, target: str, request: pb.PushRequest) -> pb.PushResponse:
+    ch = channel(pki_dir, "host-a", target)
+    try:
+        response: pb.PushResponse = await pb_grpc.IngestStub(ch).Push(request, timeout=10)
+        return response
+    finally:
+        await ch.close()
+
+
+def test_columns_carry_the_same_records_as_rows() -> None:
+    records = samples("host-a", 40, seed=5)
+    columns = to_columns(records)
+    assert columns is not None
+    assert len(columns.series_table) == 2  # two metrics, no labels: each series once
+    messages, refused = column_messages(columns)
+    assert refused == {}
+    assert messages == [to_proto(r) for r in records]
+    assert to_columns([*records, *samples("host-b", 1, seed=6)]) is None  # one host only
+
+
+async def test_the_same_records_in_either_form_are_posted_once(
+    collector: CollectorProcess, pki_dir: Path
+) -> None:
+    records = samples("host-a", 60, seed=8)
+    columns = to_columns(records)
+    first = await push(pki_dir, collector.target, pb.PushRequest(columns=columns))
+    assert [a.id for a in first.acks] == [r.id for r in records]
+    assert {a.outcome for a in first.acks} == {pb.ACCEPTED}
+    again = pb.PushRequest(records=[to_proto(r) for r in records])
+    second = await push(pki_dir, collector.target, again)
+    assert {a.outcome for a in second.acks} == {pb.DUPLICATE}
+    third = await push(pki_dir, collector.target, pb.PushRequest(columns=columns))
+    assert {a.outcome for a in third.acks} == {pb.DUPLICATE}
+    report = collector.get("/v1/accounts/acme/usage")
+    assert sum(u["records"] for u in report["usage"]) == 60
+    assert report["balance"]["eur"] == str(by_hand(records))
+
+
+async def test_columns_of_another_host_are_rejected_record_by_record(
+    collector: CollectorProcess, pki_dir: Path
+) -> None:
+    forged = to_columns(samples("host-b", 3, seed=2))
+    response = await push(pki_dir, collector.target, pb.PushRequest(columns=forged))
+    assert [a.outcome for a in response.acks] == [pb.REJECTED] * 3
+    assert all("certificate is for 'host-a'" in a.reason for a in response.acks)
+    assert collector.get("/v1/accounts/globex/usage")["usage"] == []
+
+
+async def test_unreadable_columns_refuse_the_call_and_write_nothing(
+    collector: CollectorProcess, pki_dir: Path
+) -> None:
+    records = samples("host-a", 4, seed=9)
+    short = to_columns(records)
+    assert short is not None
+    del short.quantities[-1]
+    both = pb.PushRequest(records=[to_proto(records[0])], columns=to_columns(records[1:]))
+    for request, reason in [
+        (pb.PushRequest(columns=short), "record columns differ in length (ids 4, series 4,"
+                                        " quantities 3"),
+        (both, "as `records` or as `columns`, not both"),
+    ]:
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await push(pki_dir, collector.target, request)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert reason in (info.value.details() or "")
+    assert collector.get("/v1/accounts/acme/usage")["usage"] == []
+
+
+class RowsOnlyCollector(pb_grpc.IngestServicer):
+    """A collector from before the column form: it reads ``records`` alone."""
+
+    def __init__(self) -> None:
+        self.requests: list[pb.PushRequest] = []
+
+    async def Push(self, request: pb.PushRequest, context: Ctx) -> pb.PushResponse:
+        self.requests.append(request)
+        return pb.PushResponse(acks=[pb.RecordAck(id=m.id, outcome=pb.ACCEPTED)
+                                     for m in request.records])
+
+
+@pytest.fixture
+async def rows_only(pki_dir: Path) -> AsyncIterator[tuple[RowsOnlyCollector, str]]:
+    servicer = RowsOnlyCollector()
+    server = grpc.aio.server()
+    pb_grpc.add_IngestServicer_to_server(servicer, server)
+    creds = grpc_server_credentials(
+        pki_dir / "servers" / "localhost.pem", pki_dir / "servers" / "localhost.key",
+        pki_dir / "ca.pem",
+    )
+    port = server.add_secure_port("127.0.0.1:0", creds)
+    await server.start()
+    try:
+        yield servicer, f"127.0.0.1:{port}"
+    finally:
+        await server.stop(None)
+
+
+async def test_an_agent_sends_rows_to_a_collector_that_reads_no_columns(
+    rows_only: tuple[RowsOnlyCollector, str], pki_dir: Path, tmp_path: Path
+) -> None:
+    servicer, target = rows_only
+    records = samples("host-a", 30, seed=11)
+    spool = Spool(tmp_path / "spool.db")
+    spool.append(records)
+    ch = link(pki_dir, "host-a", target)
+    try:
+        shipper = Shipper(spool, ch, ShipperSettings(batch_max_records=10), "test")
+        assert await shipper.drain() == 30
+    finally:
+        ch.close()
+    assert spool.stats().records == 0
+    assert spool.stats().dead_letters == 0
+    spool.close()
+    forms = ["columns" if r.HasField("columns") else "rows" for r in servicer.requests]
+    assert forms == ["columns", "rows", "rows", "rows"]  # the first batch went again as rows
+    assert servicer.requests[0].columns.ids == [m.id for m in servicer.requests[1].records]
+    sent = [m.id for r in servicer.requests[1:] for m in r.records]
+    assert sent == [r.id for r in records]
