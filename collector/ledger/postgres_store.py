@@ -57,6 +57,7 @@ from collector.ledger.store import (
     AuditRow,
     Counter,
     CounterKey,
+    InsertConflict,
     InvoiceQuery,
     PeriodPosting,
     QuarantinedRecord,
@@ -1082,31 +1083,38 @@ class _PgTx(_PgBillingTx):
             await self._conn.execute(_SAVE_COUNTERS, *_counter_columns(ordered))
 
     async def insert_records(
-        self, account_id: str, entry_id: str, records: Sequence[UsageRecord], received_us: int
+        self,
+        account_id: str,
+        entry_id: str,
+        records: Sequence[UsageRecord],
+        received_us: int,
+        optimistic: bool = False,
     ) -> set[str]:
-        """Large batches: a binary COPY of the records, in a savepoint, the fast path
-        when none is stored yet, which is every batch but a resend. If any id is already
-        there (or another collector is inserting it right now and commits), the unique
-        key fails the COPY, the savepoint undoes it, and the records go in again with
-        ``ON CONFLICT DO NOTHING``: the unique key decides either way. Small batches go
-        that way at once: for them the savepoint's and the COPY's round trips cost more
-        than the COPY saves."""
+        """Optimistic, a large batch: one COPY of the records, the fast path when none
+        is stored yet, which is every batch but a resend. If any id is already there (or
+        another collector is inserting it right now and commits), the unique key fails
+        the COPY and with it the transaction: :class:`InsertConflict`, and the caller
+        runs the transaction again without ``optimistic``. No savepoint around the COPY:
+        its two round trips and its subtransaction cost every batch more than running
+        the rare resend's transaction twice (docs/benchmarks.md).
+
+        Otherwise, and for small batches (for which the COPY saves less than it costs),
+        the records go in with ``ON CONFLICT DO NOTHING``: the unique key decides either
+        way."""
         if not records:
             return set()
         ordered = sorted(records, key=_record_id)
         conn = self._conn
-        if len(ordered) >= COPY_MIN_RECORDS:
+        if optimistic and len(ordered) >= COPY_MIN_RECORDS:
             # A memoryview: asyncpg would take bytes for a file name.
             data = memoryview(_copy_text(ordered, account_id, entry_id, received_us))
             try:
-                async with conn.transaction():
-                    await conn.copy_to_table(
-                        "records", source=data, columns=_RECORD_COLUMNS, format="text"
-                    )
-            except asyncpg.exceptions.UniqueViolationError:
-                pass
-            else:
-                return {r.id for r in ordered}
+                await conn.copy_to_table(
+                    "records", source=data, columns=_RECORD_COLUMNS, format="text"
+                )
+            except asyncpg.exceptions.UniqueViolationError as exc:
+                raise InsertConflict(exc.detail or str(exc)) from None
+            return {r.id for r in ordered}
         # One pass over the records, then one column per array parameter.
         columns = zip(
             *[(r.id, r.host_id, r.metric, r.unit, r.quantity_text, r.start_us, r.end_us, r.seq,

@@ -1,7 +1,8 @@
 """Posting usage: route, deduplicate, rate and post, one transaction per shard.
 
 For each shard the batch touches, one transaction inserts the new records (the
-unique record id decides what is new), rates them against the locked running
+unique record id decides what is new; a store may insert on the expectation that all
+are, and the transaction runs again when one is not), rates them against the locked running
 counters, appends one journal entry per account and updates balances. A record is
 acknowledged only after its shard committed. If any shard fails, the whole call
 fails with :class:`StoreUnavailable`; the agent resends, and what did commit answers
@@ -25,7 +26,7 @@ from collector.ledger.journal import RECEIVABLE, ChainLink, JournalEntry
 from collector.ledger.outbox import BALANCE_THRESHOLD_CROSSED
 from collector.ledger.posting import PriceSource, price_usage, rate_usage
 from collector.ledger.sharding import ShardMap
-from collector.ledger.store import LedgerStore, LedgerTx, SeqMarks
+from collector.ledger.store import InsertConflict, LedgerStore, LedgerTx, SeqMarks
 from collector.ledger.thresholds import BalanceThresholds, crossing_events
 from collector.routing import Router
 from common.ids import new_id
@@ -154,13 +155,33 @@ class LedgerService:
         now_us: int,
         marks: SeqMarks | None = None,
     ) -> dict[str, Outcome]:
+        """One transaction on the shard, inserting the records on the expectation that
+        all of them are new; when one is not (a resend, or another collector posting the
+        same records), that transaction is lost whole and runs again, each record
+        inserted unless stored."""
+        try:
+            return await self._post_shard_once(shard, accounts, held, now_us, marks, True)
+        except InsertConflict:
+            return await self._post_shard_once(shard, accounts, held, now_us, marks, False)
+
+    async def _post_shard_once(
+        self,
+        shard: int,
+        accounts: dict[str, list[UsageRecord]],
+        held: list[UsageRecord],
+        now_us: int,
+        marks: SeqMarks | None,
+        optimistic: bool,
+    ) -> dict[str, Outcome]:
         store = self.ledger.stores[shard]
         outcomes: dict[str, Outcome] = {}
         async with store.transaction() as tx:
             for account_id in sorted(accounts):
                 batch = accounts[account_id]
                 entry_id = new_id()
-                new_ids = await tx.insert_records(account_id, entry_id, batch, now_us)
+                new_ids = await tx.insert_records(
+                    account_id, entry_id, batch, now_us, optimistic
+                )
                 if len(new_ids) == len(batch):  # the common case: all of them are new
                     new = batch
                     outcomes.update(dict.fromkeys(new_ids, Outcome.ACCEPTED))

@@ -943,8 +943,16 @@ class _SqliteTx(_SqliteBillingTx):
         self._store = store
 
     async def insert_records(
-        self, account_id: str, entry_id: str, records: Sequence[UsageRecord], received_us: int
+        self,
+        account_id: str,
+        entry_id: str,
+        records: Sequence[UsageRecord],
+        received_us: int,
+        optimistic: bool = False,
     ) -> set[str]:
+        """Each record unless stored, optimistic or not: SQLite has no faster way that
+        would fail on a duplicate."""
+
         def insert() -> set[str]:
             conn = self._store.conn
             new: set[str] = set()

@@ -53,12 +53,27 @@ class UsageTotal:
     records: int
 
 
+class InsertConflict(Exception):
+    """An optimistic :meth:`LedgerTx.insert_records` met a record id that is stored
+    already, or that another transaction stored meanwhile: the transaction is lost.
+    Nothing of it is kept; run it again with ``optimistic=False``."""
+
+
 class LedgerTx(Protocol):
     async def insert_records(
-        self, account_id: str, entry_id: str, records: Sequence[UsageRecord], received_us: int
+        self,
+        account_id: str,
+        entry_id: str,
+        records: Sequence[UsageRecord],
+        received_us: int,
+        optimistic: bool = False,
     ) -> set[str]:
         """Insert records not seen before; return the ids that were new (the rest are
-        duplicates). Concurrent inserts of the same id: exactly one wins."""
+        duplicates). Concurrent inserts of the same id: exactly one wins.
+
+        ``optimistic``: the caller expects every record to be new (every batch but a
+        resend), and a store may take a faster way that fails the whole transaction with
+        :class:`InsertConflict` when one is not."""
 
     async def hold(self, records: Sequence[UsageRecord], received_us: int) -> set[str]:
         """Keep records of an unassigned host until it is assigned; return the new ids."""

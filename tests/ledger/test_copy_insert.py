@@ -1,6 +1,7 @@
-"""Large batches go into PostgreSQL with a binary COPY in a savepoint; the unique record
-id still decides: a resend that overlaps stored records, and two collectors racing
-with the same large batches, post every record exactly once."""
+"""Large batches go into PostgreSQL with a COPY, on the expectation that every record is
+new; the unique record id still decides: a resend that overlaps stored records, and
+two collectors racing with the same large batches, post every record exactly once,
+and a transaction lost to a stored record leaves nothing behind."""
 
 from __future__ import annotations
 
@@ -45,6 +46,35 @@ async def test_a_resend_overlapping_stored_records_posts_only_the_new_ones(
         )
         usage = await store.usage("acme")
         assert sum(u.records for u in usage) == total
+        report = await verify_ledger([store], svc.prices)
+        assert report.ok, report.problems
+    finally:
+        await store.close()
+
+
+async def test_a_shard_transaction_lost_to_a_stored_record_runs_again_whole(
+    pg_databases: Databases,
+) -> None:
+    """acme's records are new and copied first; globex's were stored before, so their
+    COPY fails the transaction, acme's entry with it. The transaction runs again: acme
+    is posted once, globex's records answer duplicate, and nothing else changed."""
+    store = await PostgresLedger.open(await pg_databases.create())
+    try:
+        svc = service([store])
+        globex = [record(host="host-b", seq=i) for i in range(SIZE)]
+        assert set((await svc.post(globex, T0)).values()) == {Outcome.ACCEPTED}
+        before = await receivable(svc, "globex")
+        acme = batch(0)
+        outcomes = await svc.post(acme + globex, T0 + 1)
+        assert {outcomes[r.id] for r in acme} == {Outcome.ACCEPTED}
+        assert {outcomes[r.id] for r in globex} == {Outcome.DUPLICATE}
+        per_record = (Decimal("0.013") * SIZE).quantize(Decimal("0.01"))
+        assert await receivable(svc, "acme") == per_record
+        assert await receivable(svc, "globex") == before == per_record
+        assert [len([link async for link in store.chain(a)]) for a in ("acme", "globex")] == [
+            1, 1
+        ]
+        assert sum(u.records for u in await store.usage("acme")) == SIZE
         report = await verify_ledger([store], svc.prices)
         assert report.ok, report.problems
     finally:
