@@ -1,4 +1,4 @@
-"""One real TLS handshake on loopback, for tests of certificates and TLS contexts."""
+"""Real TLS on loopback for tests: one handshake, or an ingest service over mutual TLS."""
 
 from __future__ import annotations
 
@@ -6,6 +6,12 @@ import socket
 import ssl
 import threading
 from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+from common.proto.meterd_pb2_grpc import IngestServicer, add_IngestServicer_to_server
+from common.tls import grpc_server_credentials
 
 
 @dataclass(frozen=True)
@@ -45,3 +51,17 @@ def handshake(server: ssl.SSLContext, client: ssl.SSLContext) -> Handshake:
             pass
         thread.join()
     return Handshake(server_error=errors[0], client_version=version)
+
+
+async def serve_ingest(servicer: IngestServicer, pki_dir: Path) -> tuple[grpc.aio.Server, int]:
+    """``servicer`` on a real grpc.aio server on a loopback port, with the test PKI's
+    server certificate and mutual TLS; the caller stops it."""
+    server = grpc.aio.server()
+    add_IngestServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
+    creds = grpc_server_credentials(
+        pki_dir / "servers" / "localhost.pem", pki_dir / "servers" / "localhost.key",
+        pki_dir / "ca.pem",
+    )
+    port = server.add_secure_port("127.0.0.1:0", creds)
+    await server.start()
+    return server, port

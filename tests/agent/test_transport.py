@@ -22,12 +22,11 @@ from collector.fleet import Fleet
 from collector.ingest import IngestService
 from common import pki
 from common.proto import meterd_pb2 as pb
-from common.proto import meterd_pb2_grpc as pb_grpc
-from common.tls import grpc_server_credentials
 from common.wire import to_proto
 from tests.e2e.test_end_to_end import link, samples
 from tests.e2e.test_ingest_policy import BlockingLedger
 from tests.reliability.proxy import FaultProxy
+from tests.tlsutil import serve_ingest
 
 
 def request(host: str, count: int, seed: int) -> pb.PushRequest:
@@ -38,16 +37,8 @@ async def start_collector(pki_dir: Path, ledger: BlockingLedger, config: IngestC
     grpc.aio.Server, int
 ]:
     """The collector's own ingest service on a real grpc.aio server with mTLS."""
-    server = grpc.aio.server()
     service = IngestService(lambda: ledger, config, Fleet())  # type: ignore[arg-type, return-value]
-    pb_grpc.add_IngestServicer_to_server(service, server)
-    creds = grpc_server_credentials(
-        pki_dir / "servers" / "localhost.pem", pki_dir / "servers" / "localhost.key",
-        pki_dir / "ca.pem",
-    )
-    port = server.add_secure_port("127.0.0.1:0", creds)
-    await server.start()
-    return server, port
+    return await serve_ingest(service, pki_dir)
 
 
 @pytest.fixture

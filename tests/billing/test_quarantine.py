@@ -7,7 +7,6 @@ from collections.abc import AsyncIterator
 from decimal import Decimal
 from pathlib import Path
 
-import grpc
 import pytest
 
 from collector.config import IngestConfig
@@ -15,11 +14,10 @@ from collector.fleet import Fleet
 from collector.ingest import IngestService
 from collector.ledger.verify import verify_ledger
 from common.proto import meterd_pb2 as pb
-from common.proto import meterd_pb2_grpc as pb_grpc
-from common.tls import grpc_server_credentials
 from tests.billing.conftest import World, open_world
 from tests.billing.scenario import GB, PRICEBOOK, at, record
 from tests.e2e.test_ingest_policy import push
+from tests.tlsutil import serve_ingest
 
 NOW = at("2026-06-10T12:00:00+00:00")
 DAY_US = 86_400_000_000
@@ -42,17 +40,10 @@ async def world(tmp_path: Path) -> AsyncIterator[World]:
 
 @pytest.fixture
 async def target(world: World, pki_dir: Path) -> AsyncIterator[str]:
-    server = grpc.aio.server()
     service = IngestService(
         lambda: world.service, IngestConfig(max_lateness_days=30), Fleet(), clock_us=lambda: NOW
     )
-    pb_grpc.add_IngestServicer_to_server(service, server)  # type: ignore[no-untyped-call]
-    creds = grpc_server_credentials(
-        pki_dir / "servers" / "localhost.pem", pki_dir / "servers" / "localhost.key",
-        pki_dir / "ca.pem",
-    )
-    port = server.add_secure_port("127.0.0.1:0", creds)
-    await server.start()
+    server, port = await serve_ingest(service, pki_dir)
     try:
         yield f"localhost:{port}"
     finally:

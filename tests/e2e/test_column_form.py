@@ -15,10 +15,10 @@ from agent.shipper import Shipper, ShipperSettings
 from agent.spool import Spool
 from common.proto import meterd_pb2 as pb
 from common.proto import meterd_pb2_grpc as pb_grpc
-from common.tls import grpc_server_credentials
 from common.wire import column_messages, to_columns, to_proto
 from tests.e2e.test_end_to_end import by_hand, channel, link, samples
 from tests.harness import CollectorProcess, collector_config
+from tests.tlsutil import serve_ingest
 
 Ctx = grpc.aio.ServicerContext[pb.PushRequest, pb.PushResponse]
 
@@ -114,14 +114,7 @@ class RowsOnlyCollector(pb_grpc.IngestServicer):
 @pytest.fixture
 async def rows_only(pki_dir: Path) -> AsyncIterator[tuple[RowsOnlyCollector, str]]:
     servicer = RowsOnlyCollector()
-    server = grpc.aio.server()
-    pb_grpc.add_IngestServicer_to_server(servicer, server)
-    creds = grpc_server_credentials(
-        pki_dir / "servers" / "localhost.pem", pki_dir / "servers" / "localhost.key",
-        pki_dir / "ca.pem",
-    )
-    port = server.add_secure_port("127.0.0.1:0", creds)
-    await server.start()
+    server, port = await serve_ingest(servicer, pki_dir)
     try:
         yield servicer, f"127.0.0.1:{port}"
     finally:

@@ -20,10 +20,10 @@ from common.pki import certificate_serial
 from common.proto import meterd_pb2 as pb
 from common.proto import meterd_pb2_grpc as pb_grpc
 from common.records import UsageRecord
-from common.tls import grpc_server_credentials
 from common.wire import to_proto
 from tests.e2e.test_end_to_end import channel, samples
 from tests.harness import CollectorProcess, collector_config
+from tests.tlsutil import serve_ingest
 
 
 async def push(
@@ -83,16 +83,8 @@ class BlockingLedger:
 async def test_back_pressure_answers_resource_exhausted_with_a_delay(pki_dir: Path) -> None:
     ledger = BlockingLedger()
     config = IngestConfig(max_in_flight_records=8, retry_after_ms=1500)
-    server = grpc.aio.server()
     service = IngestService(lambda: ledger, config, Fleet())  # type: ignore[arg-type, return-value]
-    pb_grpc.add_IngestServicer_to_server(service, server)
-    creds = grpc_server_credentials(
-        pki_dir / "servers" / "localhost.pem",
-        pki_dir / "servers" / "localhost.key",
-        pki_dir / "ca.pem",
-    )
-    port = server.add_secure_port("127.0.0.1:0", creds)
-    await server.start()
+    server, port = await serve_ingest(service, pki_dir)
     target = f"localhost:{port}"
     try:
         first = asyncio.create_task(push(pki_dir, "host-a", target, samples("host-a", 5, 1)))
