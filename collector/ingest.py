@@ -14,7 +14,7 @@ refused record gets its own reason.
 A request carries its records in one of two forms: a message per record
 (``records``), or column by column (``columns``, what the agent sends: each metric,
 unit and label set once per series of the batch, read and checked once, see
-:func:`common.records.build_series_records`). Columns of different lengths, or both
+:class:`common.records.SeriesBatch`). Columns of different lengths, or both
 forms in one request, refuse the call with INVALID_ARGUMENT; a record whose series
 index names no series is rejected with its reason.
 
@@ -49,7 +49,13 @@ from common import logs
 from common.errors import RecordError, SecurityError, StoreUnavailable
 from common.proto import meterd_pb2 as pb
 from common.proto import meterd_pb2_grpc as pb_grpc
-from common.records import MAX_STORED_SEQ, UsageRecord, build_records, build_series_records
+from common.records import (
+    MAX_STORED_SEQ,
+    SeriesBatch,
+    UsageRecord,
+    build_records,
+    build_series_batch,
+)
 from common.tls import PEER_CERTIFICATE_KEY, peer_certificate_serial, peer_host_id
 from common.wire import column_lengths_problem, column_messages, from_proto
 
@@ -180,11 +186,12 @@ class IngestService(pb_grpc.IngestServicer):
         ids: list[str] = []  # per message, in order: each gets one acknowledgement
         rejected: dict[int, str] = {}  # message index -> reason
         repeated: list[int] = []  # message indexes that repeat an earlier record exactly
-        valid: list[UsageRecord] = []
+        valid: Sequence[UsageRecord] = []  # checked, to post
         late: list[UsageRecord] = []  # beyond the maximum lateness (collector.billing)
         seqs: list[int] = []  # of every message that will be answered for
         messages: Sequence[pb.UsageRecord] = request.records
         refused: Mapping[int, str] = {}  # message index -> reason, known before validation
+        fast: tuple[list[str], Sequence[UsageRecord], list[int]] | None
         if request.HasField("columns"):
             columns = request.columns
             fast = self._whole_columns(columns, host_id, latest_end, earliest_end)
@@ -195,8 +202,10 @@ class IngestService(pb_grpc.IngestServicer):
         if fast is not None:
             ids, valid, seqs = fast
         else:
+            one_by_one: list[UsageRecord] = []
+            valid = one_by_one
             self._one_by_one(messages, refused, host_id, latest_end, earliest_end, now_us,
-                             ids, rejected, repeated, valid, late, seqs)
+                             ids, rejected, repeated, one_by_one, late, seqs)
         marks = seq_marks(host_id, epoch, epoch_start, seqs, retired, now_us)
         outcomes: dict[str, Outcome] = {}
         if late:  # --- billing: kept with their reason until an operator releases them ---
@@ -315,16 +324,17 @@ class IngestService(pb_grpc.IngestServicer):
     @staticmethod
     def _whole_columns(
         columns: pb.RecordColumns, host_id: str, latest_end: int, earliest_end: int
-    ) -> tuple[list[str], list[UsageRecord], list[int]] | None:
+    ) -> tuple[list[str], SeriesBatch, list[int]] | None:
         """:meth:`_whole_batch` for a batch in column form (columns of equal lengths):
-        each series checked once, each column read whole."""
+        each series checked once, each column read whole, the records kept in column
+        form (:class:`SeriesBatch`)."""
         ids = list(columns.ids)
         if not ids or columns.host_id != host_id:
             return None
         ends, seqs = list(columns.end_us), list(columns.seqs)
         if max(ends) > latest_end or min(ends) < earliest_end or max(seqs) > MAX_STORED_SEQ:
             return None
-        records = build_series_records(
+        batch = build_series_batch(
             host_id,
             ids,
             list(columns.series),
@@ -334,9 +344,9 @@ class IngestService(pb_grpc.IngestServicer):
             ends,
             seqs,
         )
-        if records is None or len(set(ids)) != len(ids):
+        if batch is None or len(set(ids)) != len(ids):
             return None
-        return ids, records, seqs
+        return ids, batch, seqs
 
     def _one_by_one(
         self,

@@ -8,7 +8,7 @@ an assignment with a cgroup wins over one for the whole host.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from common.records import UsageRecord
@@ -25,11 +25,14 @@ class Assignment:
     cgroup: str = ""
 
     def covers(self, record: UsageRecord) -> bool:
-        if record.host_id != self.host_id:
+        return self.covers_at(record.host_id, record.start_us, record.labels)
+
+    def covers_at(self, host_id: str, start_us: int, labels: Mapping[str, str]) -> bool:
+        if host_id != self.host_id:
             return False
-        if not self.start_us <= record.start_us < self.end_us:
+        if not self.start_us <= start_us < self.end_us:
             return False
-        return not self.cgroup or record.labels.get("cgroup") == self.cgroup
+        return not self.cgroup or labels.get("cgroup") == self.cgroup
 
 
 class Router:
@@ -44,8 +47,13 @@ class Router:
         }
 
     def account_for(self, record: UsageRecord) -> str | None:
-        for a in self._by_host.get(record.host_id, ()):
-            if a.covers(record):
+        return self.account_at(record.host_id, record.start_us, record.labels)
+
+    def account_at(self, host_id: str, start_us: int, labels: Mapping[str, str]) -> str | None:
+        """The account that holds a record of ``host_id`` whose window starts at
+        ``start_us``, with ``labels``; None while no assignment covers it."""
+        for a in self._by_host.get(host_id, ()):
+            if a.covers_at(host_id, start_us, labels):
                 return a.account_id
         return None
 

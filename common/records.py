@@ -19,12 +19,13 @@ import operator
 import re
 import uuid
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from itertools import repeat
 from types import MappingProxyType
+from typing import overload
 
 from common.errors import MoneyError, RecordError
 from common.money import canonical_text, to_decimal
@@ -362,7 +363,7 @@ def build_records(
     )
 
 
-def build_series_records(
+def build_series_batch(
     host_id: str,
     record_ids: Sequence[str],
     series: Sequence[int],
@@ -371,16 +372,15 @@ def build_series_records(
     starts_us: Sequence[int],
     ends_us: Sequence[int],
     seqs: Sequence[int],
-) -> list[UsageRecord] | None:
-    """:func:`build_records` for records of one host whose metric, unit and labels are
-    given once per series: ``series_table[series[i]]`` is the (metric, unit, labels) of
-    the i-th record. Each series is checked and its labels frozen once, and its records
-    share its objects. None unless every record is valid with its quantity in plain
-    decimal text and every index names an entry of the table (in which case
-    :func:`build_record` builds each record equal to this one)."""
-    if not record_ids:
-        return []
-    if len(series) != len(record_ids) or not _column_types(series, int):
+) -> SeriesBatch | None:
+    """The records of one host whose metric, unit and labels are given once per series
+    (``series_table[series[i]]`` is the (metric, unit, labels) of the i-th record), as a
+    :class:`SeriesBatch`; None unless every record is valid with its quantity in plain
+    decimal text and every index names an entry of the table. Each series is checked
+    and its labels frozen once; the other columns are checked whole, the rules of
+    :func:`build_record` (which then builds each record equal to the batch's)."""
+    n = len(record_ids)
+    if not n or len(series) != n or not _column_types(series, int):
         return None
     metrics_of, units_of, labels_of = [], [], []
     try:
@@ -396,18 +396,130 @@ def build_series_records(
         and _names_valid((host_id,), _VALID_HOSTS, HOST_ID)
         and _names_valid(metrics_of, _VALID_METRICS, METRIC_NAME)
         and _units_valid(units_of)
+        and _columns_valid(record_ids, quantities, starts_us, ends_us, seqs, n)
     ):
         return None
-    return _assembled(
-        record_ids,
-        list(repeat(host_id, len(record_ids))),
-        list(map(metrics_of.__getitem__, series)),
-        quantities,
-        list(map(units_of.__getitem__, series)),
-        starts_us,
-        ends_us,
-        seqs,
-        list(map(labels_of.__getitem__, series)),
+    return SeriesBatch(
+        host_id, record_ids, series, metrics_of, units_of, labels_of, quantities,
+        starts_us, ends_us, seqs,
+    )
+
+
+class SeriesBatch(Sequence[UsageRecord]):
+    """Valid records of one host in column form, as :func:`build_series_batch` found
+    them: one list per field, and the metric, unit and labels once per series.
+
+    The ingest path reads it column by column (routing, the ledger's insert, rating);
+    the :class:`UsageRecord` objects are made, all at once and equal to what
+    :func:`build_record` builds, only when something reads the batch as a sequence.
+    Its lists are its own and never change."""
+
+    __slots__ = (
+        "_records",
+        "_texts",
+        "ends_us",
+        "host_id",
+        "ids",
+        "labels",
+        "metrics",
+        "quantities",
+        "seqs",
+        "series",
+        "starts_us",
+        "units",
+        "values",
+    )
+
+    def __init__(
+        self,
+        host_id: str,
+        ids: Sequence[str],
+        series: Sequence[int],
+        metrics: Sequence[str],
+        units: Sequence[str],
+        labels: Sequence[Mapping[str, str]],
+        quantities: Sequence[str],
+        starts_us: Sequence[int],
+        ends_us: Sequence[int],
+        seqs: Sequence[int],
+    ) -> None:
+        self.host_id = host_id
+        self.ids = ids
+        self.series = series  # per record: its index into metrics, units and labels
+        self.metrics = metrics
+        self.units = units
+        self.labels = labels  # frozen label sets, shared by the records of each series
+        self.quantities = quantities  # as received: plain decimal text
+        self.values = list(map(Decimal, quantities))
+        self.starts_us = starts_us
+        self.ends_us = ends_us
+        self.seqs = seqs
+        self._texts: list[str] | None = None
+        self._records: list[UsageRecord] | None = None
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @overload
+    def __getitem__(self, index: int) -> UsageRecord: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[UsageRecord]: ...
+
+    def __getitem__(self, index: int | slice) -> UsageRecord | list[UsageRecord]:
+        return self.records()[index]
+
+    def __iter__(self) -> Iterator[UsageRecord]:
+        return iter(self.records())
+
+    @property
+    def quantity_texts(self) -> list[str]:
+        """Each record's :attr:`UsageRecord.quantity_text`."""
+        if self._texts is None:
+            self._texts = [
+                q if "." not in q or q[-1] != "0" else canonical_text(v)
+                for q, v in zip(self.quantities, self.values, strict=True)
+            ]
+        return self._texts
+
+    def records(self) -> list[UsageRecord]:
+        """The records, made once."""
+        if self._records is None:
+            n = len(self.ids)
+            series = self.series
+            texts = [q if "." not in q or q[-1] != "0" else "" for q in self.quantities]
+            self._records = _made(
+                n, self.ids, list(repeat(self.host_id, n)),
+                list(map(self.metrics.__getitem__, series)), self.values,
+                list(map(self.units.__getitem__, series)), self.starts_us, self.ends_us,
+                self.seqs, list(map(self.labels.__getitem__, series)), texts,
+            )
+        return self._records
+
+
+def _columns_valid(
+    record_ids: Sequence[str],
+    quantities: Sequence[str],
+    starts_us: Sequence[int],
+    ends_us: Sequence[int],
+    seqs: Sequence[int],
+    n: int,
+) -> bool:
+    """Whether ``n`` records have valid ids, plain decimal quantities, windows and seqs,
+    each column checked whole (every column of length ``n``, at least one)."""
+    return bool(
+        len(record_ids) == len(quantities) == len(starts_us) == len(ends_us) == len(seqs) == n
+        and _text_column(record_ids, _UUID_COLUMN)
+        and _text_column(quantities, _PLAIN_QUANTITY_COLUMN)
+        and max(map(len, quantities)) <= _PLAIN_QUANTITY_MAX_LEN
+        and _column_types(starts_us, int)
+        and _column_types(ends_us, int)
+        and _column_types(seqs, int)
+        and min(starts_us) >= 0
+        and all(map(operator.le, starts_us, ends_us))
+        and max(ends_us) <= MAX_US
+        and min(seqs) >= 0
+        and max(seqs) <= MAX_SEQ
     )
 
 
@@ -427,27 +539,20 @@ def _assembled(
     records, at least one), or None."""
     n = len(record_ids)
     if not (
-        len(host_ids) == len(metrics) == len(quantities) == len(units) == len(starts_us)
-        == len(ends_us) == len(seqs) == len(frozen) == n
-        and _text_column(record_ids, _UUID_COLUMN)
-        and _text_column(quantities, _PLAIN_QUANTITY_COLUMN)
-        and max(map(len, quantities)) <= _PLAIN_QUANTITY_MAX_LEN
-        and _column_types(starts_us, int)
-        and _column_types(ends_us, int)
-        and _column_types(seqs, int)
-        and min(starts_us) >= 0
-        and all(map(operator.le, starts_us, ends_us))
-        and max(ends_us) <= MAX_US
-        and min(seqs) >= 0
-        and max(seqs) <= MAX_SEQ
+        len(host_ids) == len(metrics) == len(units) == len(frozen) == n
+        and _columns_valid(record_ids, quantities, starts_us, ends_us, seqs, n)
     ):
         return None
-    values = list(map(Decimal, quantities))
     texts = [q if "." not in q or q[-1] != "0" else "" for q in quantities]
-    records = list(map(_new, repeat(UsageRecord, n)))
-    columns: tuple[Sequence[object], ...] = (
-        record_ids, host_ids, metrics, values, units, starts_us, ends_us, seqs, frozen, texts
+    return _made(
+        n, record_ids, host_ids, metrics, list(map(Decimal, quantities)), units, starts_us,
+        ends_us, seqs, frozen, texts,
     )
+
+
+def _made(n: int, *columns: Sequence[object]) -> list[UsageRecord]:
+    """``n`` records from one column per slot (in :data:`_SLOTS` order), unchecked."""
+    records = list(map(_new, repeat(UsageRecord, n)))
     for setter, column in zip(_SLOTS, columns, strict=True):
         deque(map(setter, records, column), 0)  # each slot of every record, in C
     return records

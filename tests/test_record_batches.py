@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from common.errors import RecordError
 from common.proto import meterd_pb2 as pb
-from common.records import UsageRecord, build_record, build_records, build_series_records
+from common.records import UsageRecord, build_record, build_records, build_series_batch
 from tests.test_records import ids, labels, quantities
 
 rows = st.tuples(
@@ -79,7 +79,8 @@ def test_a_batch_by_series_gets_the_verdicts_of_its_records(
     batch: list[tuple[str, int, str, int, int, int]],
 ) -> None:
     record_ids, kinds, amounts, starts, ends, seqs = (list(c) for c in zip(*batch, strict=True))
-    built = build_series_records(host, record_ids, kinds, table, amounts, starts, ends, seqs)
+    batch_ = build_series_batch(host, record_ids, kinds, table, amounts, starts, ends, seqs)
+    built = None if batch_ is None else list(batch_)
     if any(k >= len(table) for k in kinds):
         assert built is None  # the caller rejects those records with their own reason
         return
@@ -101,9 +102,16 @@ def test_a_batch_by_series_gets_the_verdicts_of_its_records(
         assert expected is None or not plain or unused_bad
         return
     assert expected is not None
+    assert batch_ is not None
     assert built == expected
     assert [r.quantity_text for r in built] == [r.quantity_text for r in expected]
     assert all(a.labels is b.labels for a, b in zip(built, expected, strict=True))
+    # The columns the ingest path reads say what the records say.
+    assert batch_.quantity_texts == [r.quantity_text for r in expected]
+    assert batch_.values == [r.quantity for r in expected]
+    assert [batch_.labels[k] for k in batch_.series] == [r.labels for r in expected]
+    assert len(batch_) == len(expected)
+    assert batch_[-1] == expected[-1]
 
 
 def test_acks_from_their_wire_form_equal_acks_added_one_by_one() -> None:

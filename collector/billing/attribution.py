@@ -31,7 +31,7 @@ from collector.ledger.posting import PriceSource
 from collector.ledger.store import ZERO_COUNTER, Counter, CounterKey, LedgerTx, PeriodPosting
 from collector.rating.model import Price
 from common.money import CONTEXT, canonical_text
-from common.records import UsageRecord
+from common.records import SeriesBatch, UsageRecord
 
 LATE_CHECK_MARGIN_US = HOUR_US
 
@@ -73,14 +73,13 @@ async def attribute_usage(
     """Write the period postings of one usage entry (see the module docstring)."""
     cycle = prices.billing_cycle(account_id)
     moved = increments(before, after)
-    record_periods: dict[int, list[UsageRecord]] = defaultdict(list)
-    starts: dict[int, int] = {}
-    for record in records:
-        start = starts.get(record.start_us)
-        if start is None:
-            start = starts[record.start_us] = cycle.period_start(record.start_us)
-        record_periods[start].append(record)
-    origins = set(record_periods) | {key.period_start_us for key in moved}
+    # The period of each distinct window start (a batch has a few), from its column
+    # when the records come in column form.
+    starts_us = (
+        records.starts_us if isinstance(records, SeriesBatch) else [r.start_us for r in records]
+    )
+    period_of = {start_us: cycle.period_start(start_us) for start_us in set(starts_us)}
+    origins = set(period_of.values()) | {key.period_start_us for key in moved}
     ended = [o for o in origins if cycle.period_of(o).end_us <= now_us + LATE_CHECK_MARGIN_US]
     finalized: list[int] = []
     if ended:
@@ -93,7 +92,12 @@ async def attribute_usage(
             entry_id, account_id, key.price_id, priced[key].currency, target,
             key.period_start_us, amount,
         )
-    late = {origin: recs for origin, recs in record_periods.items() if origin in closed}
+    late: dict[int, list[UsageRecord]] = defaultdict(list)  # records of closed periods
+    if closed:
+        for record in records:
+            origin = period_of[record.start_us]
+            if origin in closed:
+                late[origin].append(record)
     for origin, recs in sorted(late.items()):
         target = open_period(cycle, origin, finalized).start_us
         for record in recs:

@@ -39,7 +39,7 @@ from collector.ledger.store import ZERO_COUNTER, Counter, CounterKey
 from collector.rating.engine import billing_quantity, rated_amount
 from collector.rating.tariff import Price
 from common.money import CONTEXT
-from common.records import UsageRecord, from_us
+from common.records import SeriesBatch, UsageRecord, from_us
 
 _record_id = operator.attrgetter("id")
 
@@ -112,13 +112,26 @@ def price_usage(
     prices up once per group (see :class:`PricedUsage`)."""
     by_window: dict[tuple[int, str], list[Decimal]] = {}
     get = by_window.get
-    for record in sorted(records, key=_record_id):
-        window = (record.start_us, record.metric)
-        quantities = get(window)
-        if quantities is None:
-            by_window[window] = [record.quantity]
-        else:
-            quantities.append(record.quantity)
+    if isinstance(records, SeriesBatch):  # the same groups, read from its columns
+        metrics, values = records.metrics, records.values
+        windows = list(
+            zip(records.starts_us, map(metrics.__getitem__, records.series), strict=True)
+        )
+        for i in sorted(range(len(records)), key=records.ids.__getitem__):
+            window = windows[i]
+            quantities = get(window)
+            if quantities is None:
+                by_window[window] = [values[i]]
+            else:
+                quantities.append(values[i])
+    else:
+        for record in sorted(records, key=_record_id):
+            window = (record.start_us, record.metric)
+            quantities = get(window)
+            if quantities is None:
+                by_window[window] = [record.quantity]
+            else:
+                quantities.append(record.quantity)
     lookup = _AccountPrices(account_id, prices)
     groups: list[tuple[list[tuple[Price, CounterKey]], list[Decimal]]] = []
     keys: dict[CounterKey, Price] = {}
@@ -210,6 +223,10 @@ def rate_usage(
         memo=f"usage: {len(records)} records ({', '.join(metrics)})",
         created_us=now_us,
         postings=tuple(postings),
-        records_digest=records_digest((r.id, r.quantity_text) for r in records),
+        records_digest=records_digest(
+            zip(records.ids, records.quantity_texts, strict=True)
+            if isinstance(records, SeriesBatch)
+            else ((r.id, r.quantity_text) for r in records)
+        ),
     )
     return RatedBatch(entry, updated)

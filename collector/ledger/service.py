@@ -31,7 +31,7 @@ from collector.ledger.thresholds import BalanceThresholds, crossing_events
 from collector.routing import Router
 from common.ids import new_id
 from common.money import CONTEXT
-from common.records import UsageRecord
+from common.records import SeriesBatch, UsageRecord
 
 
 class Outcome(enum.Enum):
@@ -94,9 +94,13 @@ class LedgerService:
         written in the transaction of the host's shard when that is the only shard
         posted to, otherwise in a transaction of their own once every shard committed.
         """
-        by_store: dict[int, dict[str, list[UsageRecord]]] = defaultdict(lambda: defaultdict(list))
+        by_store: dict[int, dict[str, Sequence[UsageRecord]]] = defaultdict(dict)
         held: dict[int, list[UsageRecord]] = defaultdict(list)
         index = {id(s): i for i, s in enumerate(self.ledger.stores)}
+        whole = self._one_account(records) if isinstance(records, SeriesBatch) else None
+        if whole is not None:  # a batch in column form, all of one account: kept whole
+            by_store[index[id(self.ledger.for_account(whole))]][whole] = records
+            records = ()
         # Shards looked up once per account and host, not once per record (a hash each).
         account_shard: dict[str, int] = {}
         host_shard: dict[str, int] = {}
@@ -105,6 +109,7 @@ class LedgerService:
         # label set, the very same object) share the list they go to, found once.
         # Each key names a label set that a record of the batch still holds.
         lists: dict[tuple[str, int, int], list[UsageRecord]] = {}
+        by_list: dict[int, dict[str, list[UsageRecord]]] = defaultdict(lambda: defaultdict(list))
         for record in records:
             key = (record.host_id, record.start_us, id(record.labels))
             target = lists.get(key)
@@ -122,9 +127,11 @@ class LedgerService:
                         shard = account_shard[account] = index[
                             id(self.ledger.for_account(account))
                         ]
-                    target = by_store[shard][account]
+                    target = by_list[shard][account]
                 lists[key] = target
             target.append(record)
+        for shard, lists_of in by_list.items():
+            by_store[shard].update(lists_of)
         shards = sorted(set(by_store) | set(held))
         along = -1  # the shard whose transaction also writes ``marks``
         if marks is not None and marks.ranges:
@@ -147,10 +154,23 @@ class LedgerService:
             outcomes.update(part)
         return outcomes
 
+    def _one_account(self, batch: SeriesBatch) -> str | None:
+        """The account that holds every record of ``batch``, if one does: looked up once
+        per window start and series, not once per record."""
+        labels = batch.labels
+        accounts = {
+            self.router.account_at(batch.host_id, start_us, labels[series])
+            for start_us, series in set(zip(batch.starts_us, batch.series, strict=True))
+        }
+        if len(accounts) != 1:
+            return None
+        (account,) = accounts
+        return account
+
     async def _post_shard(
         self,
         shard: int,
-        accounts: dict[str, list[UsageRecord]],
+        accounts: Mapping[str, Sequence[UsageRecord]],
         held: list[UsageRecord],
         now_us: int,
         marks: SeqMarks | None = None,
@@ -167,7 +187,7 @@ class LedgerService:
     async def _post_shard_once(
         self,
         shard: int,
-        accounts: dict[str, list[UsageRecord]],
+        accounts: Mapping[str, Sequence[UsageRecord]],
         held: list[UsageRecord],
         now_us: int,
         marks: SeqMarks | None,
