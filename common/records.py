@@ -358,8 +358,16 @@ def build_records(
         frozen = list(map(_labels, labels))
     except RecordError:
         return None
-    return _assembled(
-        record_ids, host_ids, metrics, quantities, units, starts_us, ends_us, seqs, frozen
+    n = len(record_ids)
+    if not (
+        len(host_ids) == len(metrics) == len(units) == len(frozen) == n
+        and _columns_valid(record_ids, quantities, starts_us, ends_us, seqs, n)
+    ):
+        return None
+    texts = [q if "." not in q or q[-1] != "0" else "" for q in quantities]
+    return _made(
+        n, record_ids, host_ids, metrics, list(map(Decimal, quantities)), units, starts_us,
+        ends_us, seqs, frozen, texts,
     )
 
 
@@ -520,33 +528,6 @@ def _columns_valid(
         and max(ends_us) <= MAX_US
         and min(seqs) >= 0
         and max(seqs) <= MAX_SEQ
-    )
-
-
-def _assembled(
-    record_ids: Sequence[str],
-    host_ids: Sequence[str],
-    metrics: Sequence[str],
-    quantities: Sequence[str],
-    units: Sequence[str],
-    starts_us: Sequence[int],
-    ends_us: Sequence[int],
-    seqs: Sequence[int],
-    frozen: Sequence[Mapping[str, str]],
-) -> list[UsageRecord] | None:
-    """The records, once host ids, metrics, units and labels (frozen) are known valid:
-    the other columns checked here, every column of the same length (a count of
-    records, at least one), or None."""
-    n = len(record_ids)
-    if not (
-        len(host_ids) == len(metrics) == len(units) == len(frozen) == n
-        and _columns_valid(record_ids, quantities, starts_us, ends_us, seqs, n)
-    ):
-        return None
-    texts = [q if "." not in q or q[-1] != "0" else "" for q in quantities]
-    return _made(
-        n, record_ids, host_ids, metrics, list(map(Decimal, quantities)), units, starts_us,
-        ends_us, seqs, frozen, texts,
     )
 
 
