@@ -160,7 +160,7 @@ async def run(
             try:
                 return await _serve(agent, link, notifier, version=version)
             finally:
-                link.close()
+                await link.close()
         finally:
             agent.sampler.close()
     finally:

@@ -20,14 +20,16 @@ the collector's certificate was refused. The collector's back-pressure answer
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import ssl
 from collections.abc import Mapping
 from pathlib import Path
 
-from grpclib.client import Channel, UnaryUnaryMethod
+from grpclib.client import Channel, Handler, UnaryUnaryMethod
 from grpclib.config import Configuration
 from grpclib.exceptions import GRPCError, ProtocolError, StreamTerminatedError
+from grpclib.protocol import H2Protocol
 
 from common.proto import meterd_pb2 as pb
 
@@ -66,13 +68,51 @@ def split_target(target: str) -> tuple[str, int]:
     return host, int(port)
 
 
+class _Connection(H2Protocol):
+    """grpclib's HTTP/2 connection, which also keeps its transport and tells when its
+    socket is closed."""
+
+    transport: asyncio.Transport | None = None
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.gone: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)  # a stream's, TLS over TCP
+        self.transport = transport
+        super().connection_made(transport)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        try:
+            super().connection_lost(exc)
+        finally:
+            if not self.gone.done():
+                self.gone.set_result(None)
+
+
+class _Channel(Channel):
+    """grpclib's channel, keeping its open connection so that closing can finish it."""
+
+    opened: _Connection | None = None
+
+    def _protocol_factory(self) -> H2Protocol:
+        return _Connection(Handler(), self._config, self._h2_config)
+
+    async def _create_connection(self) -> H2Protocol:
+        protocol = await super()._create_connection()
+        assert isinstance(protocol, _Connection)
+        self.opened = protocol
+        return protocol
+
+
 class CollectorLink:
     """An HTTP/2 connection to the collector, opened by the first call and kept."""
 
     def __init__(self, target: str, context: ssl.SSLContext, server_name: str = "") -> None:
         host, port = split_target(target)
         self.target = target
-        self._channel = Channel(
+        self._channel = _Channel(
             host, port, ssl=context,
             config=Configuration(ssl_target_name_override=server_name or None),
         )
@@ -97,8 +137,10 @@ class CollectorLink:
         try:
             return await self._push_once(request, deadline_seconds)
         except PushFailed as exc:
-            if exc.code in CONNECTION_FAILURES:
-                self._channel.close()
+            if exc.code in CONNECTION_FAILURES:  # no TLS close with a peer that failed us
+                opened = self._drop()
+                if opened is not None and opened.transport is not None:
+                    opened.transport.abort()
             raise
 
     async def _push_once(
@@ -131,8 +173,32 @@ class CollectorLink:
             raise PushFailed("INTERNAL", "the collector answered without a message")
         return response
 
-    def close(self) -> None:
+    async def close(self, grace: float = 0.2) -> None:
+        """Close the connection, its socket closed when this returns.
+
+        Closing TLS sends a close_notify alert, and the event loop then waits for the
+        peer's before it closes the socket, up to its TLS shutdown timeout (30 s). The
+        collector (grpcio) never answers one: a process whose loop ends in that time (an
+        agent stopping) would leave the socket to the garbage collector. So the peer
+        gets ``grace`` seconds to answer, and then the socket is closed without it;
+        our close_notify has been sent by then either way.
+        """
+        opened = self._drop()
+        if opened is None:
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(opened.gone), grace)
+        if not opened.gone.done() and opened.transport is not None:
+            opened.transport.abort()
+            with contextlib.suppress(TimeoutError):  # a turn or two of the loop
+                await asyncio.wait_for(asyncio.shield(opened.gone), 5)
+
+    def _drop(self) -> _Connection | None:
+        """Close the channel (the next call opens a new connection); the connection it
+        had open, if any."""
+        opened, self._channel.opened = self._channel.opened, None
         self._channel.close()
+        return opened
 
 
 def _retry_after(metadata: Mapping[str, str | bytes] | None) -> float:

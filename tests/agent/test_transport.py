@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
+import psutil
 import pytest
 
 from agent.shipper import RETRYABLE, ShipFailed, Shipper, ShipperSettings
@@ -84,7 +85,7 @@ async def failure(ch: CollectorLink, deadline: float = 10.0) -> PushFailed:
         with pytest.raises(PushFailed) as info:
             await ch.push(request("host-a", 3, 1), deadline)
     finally:
-        ch.close()
+        await ch.close()
     return info.value
 
 
@@ -101,7 +102,33 @@ async def test_an_answer_comes_back_over_mutual_tls13(
         refused = await ch.push(request("host-b", 1, 2), 10)
         assert [a.outcome for a in refused.acks] == [pb.REJECTED]
     finally:
-        ch.close()
+        await ch.close()
+
+
+def sockets_to(port: int) -> list[str]:
+    """This process's TCP sockets to ``port`` on loopback that are not closed yet."""
+    return [
+        c.status for c in psutil.Process().net_connections(kind="tcp")
+        if c.raddr and c.raddr.port == port
+    ]
+
+
+async def test_closing_the_link_closes_its_socket_before_it_returns(
+    pki_dir: Path, collector: tuple[BlockingLedger, int]
+) -> None:
+    """The TLS close takes a few turns of the event loop: a link closed just before its
+    loop ends (the agent stopping) must not leave its socket for the garbage collector."""
+    ledger, port = collector
+    ledger.release.set()
+    ch = link(pki_dir, "host-a", f"127.0.0.1:{port}")
+    assert (await ch.push(request("host-a", 2, 1), 10)).acks
+    assert sockets_to(port) == ["ESTABLISHED"]
+    await ch.close()
+    assert sockets_to(port) == []
+    await ch.close()  # twice is harmless
+    assert (await ch.push(request("host-a", 2, 2), 10)).acks  # and a call opens a new one
+    await ch.close()
+    assert sockets_to(port) == []
 
 
 async def test_one_connection_carries_every_call_and_a_silent_one_is_replaced(
@@ -119,6 +146,8 @@ async def test_one_connection_carries_every_call_and_a_silent_one_is_replaced(
             with pytest.raises(PushFailed) as info:
                 await ch.push(request("host-a", 2, 10), 0.5)
             assert info.value.code == "DEADLINE_EXCEEDED"
+            await asyncio.sleep(0.05)  # its socket is cut, not left to a TLS close
+            assert sockets_to(proxy.port) == []
             proxy.pass_through()
             assert (await ch.push(request("host-a", 2, 11), 10)).acks
             assert proxy.accepted == 2  # not the silent connection again: a new one
@@ -127,7 +156,7 @@ async def test_one_connection_carries_every_call_and_a_silent_one_is_replaced(
             assert (await ch.push(request("host-a", 2, 12), 10)).acks
             assert proxy.accepted == 3
         finally:
-            ch.close()
+            await ch.close()
 
 
 async def test_back_pressure_carries_the_collectors_delay_to_the_shipper(
@@ -148,12 +177,12 @@ async def test_back_pressure_carries_the_collectors_delay_to_the_shipper(
             with pytest.raises(ShipFailed) as info:
                 await Shipper(spool, ch, ShipperSettings(), "test").ship_batch()
         finally:
-            ch.close()
+            await ch.close()
         assert info.value.retry_after == 1.5
         assert (spool.get_meta("last_error") or "").startswith("RESOURCE_EXHAUSTED")
         ledger.release.set()
         assert [a.outcome for a in (await first).acks] == [pb.ACCEPTED] * 8
-        held.close()
+        await held.close()
 
 
 async def test_a_collector_that_offers_only_tls12_is_refused(pki_dir: Path) -> None:

@@ -52,7 +52,7 @@ async def test_a_rejected_record_is_dead_lettered_shown_in_status_and_requeued(
             try:
                 await Shipper(spool, ch, ShipperSettings(), "test").drain()
             finally:
-                ch.close()
+                await ch.close()
             [letter] = spool.dead_letters()
             assert letter.record.id == bad.id
             assert "after the collector's clock" in letter.reason
@@ -62,7 +62,7 @@ async def test_a_rejected_record_is_dead_lettered_shown_in_status_and_requeued(
             try:
                 await Shipper(spool, ch, ShipperSettings(), "test").drain()
             finally:
-                ch.close()
+                await ch.close()
         assert collector.get("/v1/fleet/agents/host-a")["dead_letters"] == 1
         status = meterd("agent", "status", "--config", str(config), "--json")
         assert status.returncode == 0, status.stderr

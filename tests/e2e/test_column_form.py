@@ -133,7 +133,7 @@ async def test_an_agent_sends_rows_to_a_collector_that_reads_no_columns(
         shipper = Shipper(spool, ch, ShipperSettings(batch_max_records=10), "test")
         assert await shipper.drain() == 30
     finally:
-        ch.close()
+        await ch.close()
     assert spool.stats().records == 0
     assert spool.stats().dead_letters == 0
     spool.close()

@@ -94,7 +94,7 @@ async def test_samples_reach_the_ledger_exactly_once(
         shipper = Shipper(spool, ch, ShipperSettings(batch_max_records=64), "test")
         assert await shipper.drain() == 500
     finally:
-        ch.close()
+        await ch.close()
     assert spool.stats().records == 0
     spool.close()
     report = collector.get("/v1/accounts/acme/usage")

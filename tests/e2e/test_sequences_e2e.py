@@ -46,7 +46,7 @@ async def ship(spool: Spool, pki: Path, target: str) -> None:
     try:
         await Shipper(spool, channel, ShipperSettings(batch_max_records=50), "test").drain()
     finally:
-        channel.close()
+        await channel.close()
 
 
 def gaps(config: Path) -> tuple[int, dict[str, Any]]:

@@ -85,14 +85,14 @@ async def test_collectors_that_share_an_address_split_the_agents_and_count_once(
             try:
                 response = await ch.push(pb.PushRequest(records=[to_proto(rec)]), 10)
             finally:
-                ch.close()
+                await ch.close()
             assert [a.outcome for a in response.acks] == [pb.ACCEPTED]
         # The same records again, through whichever process: each was posted once.
         ch = link(pki_dir, "host-a", f"127.0.0.1:{port}")
         try:
             again = await ch.push(pb.PushRequest(records=[to_proto(r) for r in records]), 10)
         finally:
-            ch.close()
+            await ch.close()
         assert {a.outcome for a in again.acks} == {pb.DUPLICATE}
         shares = [ingested(c) for c in collectors]
         assert sum(shares) == 40

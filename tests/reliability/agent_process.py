@@ -148,7 +148,7 @@ async def run(
         try:
             return await daemon._serve(agent, link, **_serve_extras())
         finally:
-            link.close()
+            await link.close()
             agent.sampler.close()
     finally:
         await asyncio.to_thread(spool.close)
