@@ -57,5 +57,21 @@ class Router:
                 return a.account_id
         return None
 
+    def accounts_at(
+        self, host_id: str, starts_us: Iterable[int], label_sets: Iterable[Mapping[str, str]]
+    ) -> set[str | None]:
+        """:meth:`account_at` of every combination of ``starts_us`` and ``label_sets``
+        (None where no assignment covers one). Only the ``cgroup`` label tells a host's
+        assignments apart, so label sets are looked up once per cgroup, and once in all
+        when no assignment of the host names a cgroup."""
+        assignments = self._by_host.get(host_id)
+        if not assignments:
+            return {None}
+        if any(a.cgroup for a in assignments):
+            probes = list({labels.get("cgroup"): labels for labels in label_sets}.values())
+        else:
+            probes = [{}]
+        return {self.account_at(host_id, s, labels) for s in starts_us for labels in probes}
+
     def hosts(self) -> list[str]:
         return sorted(self._by_host)

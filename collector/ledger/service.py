@@ -155,13 +155,17 @@ class LedgerService:
         return outcomes
 
     def _one_account(self, batch: SeriesBatch) -> str | None:
-        """The account that holds every record of ``batch``, if one does: looked up once
-        per window start and series, not once per record."""
-        labels = batch.labels
-        accounts = {
-            self.router.account_at(batch.host_id, start_us, labels[series])
-            for start_us, series in set(zip(batch.starts_us, batch.series, strict=True))
-        }
+        """The account that holds every record of ``batch``, if one does. Every window
+        start of the batch with every label set of it first (a handful of lookups): one
+        account there is one account for each record. Otherwise, looked up once per
+        window start and series that occur together."""
+        accounts = self.router.accounts_at(batch.host_id, set(batch.starts_us), batch.labels)
+        if len(accounts) > 1:
+            labels = batch.labels
+            accounts = {
+                self.router.account_at(batch.host_id, start_us, labels[series])
+                for start_us, series in set(zip(batch.starts_us, batch.series, strict=True))
+            }
         if len(accounts) != 1:
             return None
         (account,) = accounts

@@ -26,7 +26,7 @@ from collector.ledger.posting import price_usage, rate_usage
 from collector.ledger.service import Outcome
 from collector.ledger.store import Counter
 from collector.ledger.verify import verify_ledger
-from collector.routing import Assignment
+from collector.routing import Assignment, Router
 from common.ids import new_id
 from common.records import SeriesBatch, UsageRecord, build_series_batch, to_us
 from tests.ledger.helpers import T0, prices, router, service
@@ -142,6 +142,31 @@ async def test_a_batch_is_attributed_to_periods_as_its_records_are(
         )
         seen.append(tx.calls)
     assert seen[0] == seen[1]
+
+
+# Assignments of host-a that may name a cgroup of LABELS and start at one of STARTS.
+assignments = st.lists(
+    st.builds(
+        Assignment, st.just("host-a"), st.sampled_from(["acme", "initech", "globex"]),
+        st.sampled_from((0, *STARTS)), st.sampled_from((STARTS[1], STARTS[3], 2**62)),
+        st.sampled_from(["", "/vm/1", "/vm/2"]),
+    ).filter(lambda a: a.start_us < a.end_us),
+    max_size=4,
+)
+
+
+@settings(max_examples=200)
+@given(batches(), assignments)
+def test_a_batch_goes_whole_exactly_when_its_records_have_one_account(
+    batch: SeriesBatch, extra: list[Assignment]
+) -> None:
+    """The lookups over every window start and label set of a batch decide as the
+    records' own accounts do, whatever assignments cover which cgroups and when."""
+    rt = Router(extra)
+    owners = {rt.account_for(r) for r in batch}
+    expected = next(iter(owners)) if len(owners) == 1 else None
+    assert service([], rt)._one_account(batch) == expected
+    assert rt.accounts_at("host-a", set(batch.starts_us), batch.labels) >= owners
 
 
 def test_a_batch_goes_whole_only_to_the_one_account_that_holds_all_of_it() -> None:
