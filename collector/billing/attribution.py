@@ -1,22 +1,23 @@
 """Which period's invoice carries each usage posting, and late usage.
 
 Runs inside the ingest path's posting transaction (:class:`collector.ledger.service.
-LedgerService`), right after the usage entry is appended, so it commits or rolls back
-with it. For every running counter the entry moved, one *period posting* records the
-amount and two periods: the usage's own (``origin``) and the one whose invoice carries
-it. They are the same unless the usage's period is already finalized: then the record
-is **late** (so is one of a period before the account's first invoice, once that is
-finalized), it is rated against its own period's counter (as if it had come in time:
-tiers and rounding continue from what that period already holds) and carried by the
-next open period, whose invoice shows it as an adjustment line naming the original
-period. A late record of a price rated at close (``max``, ``last_during_period``,
-``p95``) leaves a mark (a period posting of zero) so that the next invoice measures the
-original period again. Each late period gets one ``usage.late`` event.
+LedgerService`), just before the usage entry is appended (a store may write the period
+postings with the entry), so it commits or rolls back with it. For every running counter
+the entry moved, one *period posting* records the amount and two periods: the usage's
+own (``origin``) and the one whose invoice carries it. They are the same unless the
+usage's period is already finalized: then the record is **late** (so is one of a period
+before the account's first invoice, once that is finalized), it is rated against its own
+period's counter (as if it had come in time: tiers and rounding continue from what that
+period already holds) and carried by the next open period, whose invoice shows it as an
+adjustment line naming the original period. A late record of a price rated at close
+(``max``, ``last_during_period``, ``p95``) leaves a mark (a period posting of zero) so
+that the next invoice measures the original period again. Each late period gets one
+``usage.late`` event.
 
 Whether a period is finalized is only asked when it has ended (or ends within the
-hour, to allow for clocks that differ a little): the appended entry holds the
-account's chain head, and finalizing takes that lock first, so the answer cannot
-change before this transaction commits.
+hour, to allow for clocks that differ a little), and only with the account's chain head
+locked first: finalizing takes that lock first too, so the answer cannot change before
+this transaction commits.
 """
 
 from __future__ import annotations
@@ -83,6 +84,7 @@ async def attribute_usage(
     ended = [o for o in origins if cycle.period_of(o).end_us <= now_us + LATE_CHECK_MARGIN_US]
     finalized: list[int] = []
     if ended:
+        await tx.lock_account(account_id)
         finalized = await tx.finalized_periods(account_id, min(ended))
     closed = {o for o in ended if finalized and max(finalized) >= o}
     rows: dict[tuple[str, int], PeriodPosting] = {}

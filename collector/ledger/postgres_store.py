@@ -306,7 +306,10 @@ _APPEND_ENTRY = (
     " counter_rows AS (INSERT INTO counters SELECT * FROM unnest($14::text[], $15::text[],"
     " $16::bigint[], $17::numeric[], $18::numeric[])"
     " ON CONFLICT (account_id, price_id, period_start_us)"
-    " DO UPDATE SET quantity = EXCLUDED.quantity, amount = EXCLUDED.amount)"
+    " DO UPDATE SET quantity = EXCLUDED.quantity, amount = EXCLUDED.amount),"
+    " period_rows AS (INSERT INTO period_postings (entry_id, account_id, price_id, currency,"
+    " period_start_us, origin_start_us, amount) SELECT * FROM unnest($19::text[], $20::text[],"
+    " $21::text[], $22::text[], $23::bigint[], $24::bigint[], $25::numeric[]))"
     " UPDATE chain_heads SET chain_seq = $3, hash = $9 WHERE account_id = $2"
 )
 _LABELS_JSON = json.JSONEncoder(sort_keys=True)
@@ -672,10 +675,25 @@ class _PgBillingStore:
         return {r[0]: r[1] for r in await self._fetch("SELECT kind, series FROM number_series")}
 
 
+def _period_columns(
+    rows: Sequence[PeriodPosting],
+) -> tuple[list[str], list[str], list[str], list[str], list[int], list[int], list[Decimal]]:
+    return (
+        [r.entry_id for r in rows],
+        [r.account_id for r in rows],
+        [r.price_id for r in rows],
+        [r.currency for r in rows],
+        [r.period_start_us for r in rows],
+        [r.origin_start_us for r in rows],
+        [r.amount for r in rows],
+    )
+
+
 class _PgBillingTx:
     """The billing statements of :class:`_PgTx` (see :class:`LedgerTx`)."""
 
     _conn: asyncpg.Connection
+    _periods: list[PeriodPosting]  # inserted, not yet written: see insert_period_postings
 
     async def lock_account(self, account_id: str) -> None:
         conn = self._conn
@@ -693,18 +711,19 @@ class _PgBillingTx:
         return [r[0] for r in rows]
 
     async def insert_period_postings(self, rows: Sequence[PeriodPosting]) -> None:
-        await self._conn.execute(
-            f"INSERT INTO period_postings ({_PERIOD_POSTING_COLUMNS}) SELECT * FROM unnest("
-            "$1::text[], $2::text[], $3::text[], $4::text[], $5::bigint[], $6::bigint[],"
-            " $7::numeric[])",
-            [r.entry_id for r in rows],
-            [r.account_id for r in rows],
-            [r.price_id for r in rows],
-            [r.currency for r in rows],
-            [r.period_start_us for r in rows],
-            [r.origin_start_us for r in rows],
-            [r.amount for r in rows],
-        )
+        """Staged: written by the transaction's next journal entry (a usage entry's own
+        statement), or before anything reads them, or before COMMIT."""
+        self._periods.extend(rows)
+
+    async def _write_periods(self) -> None:
+        if self._periods:
+            rows, self._periods = self._periods, []
+            await self._conn.execute(
+                f"INSERT INTO period_postings ({_PERIOD_POSTING_COLUMNS}) SELECT * FROM"
+                " unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::bigint[],"
+                " $6::bigint[], $7::numeric[])",
+                *_period_columns(rows),
+            )
 
     async def period_counters(self, account_id: str, period_start_us: int) -> dict[str, Counter]:
         rows = await self._conn.fetch(
@@ -716,6 +735,7 @@ class _PgBillingTx:
         return {r[0]: Counter(r[1], r[2]) for r in rows}
 
     async def period_postings(self, account_id: str, period_start_us: int) -> list[PeriodPosting]:
+        await self._write_periods()
         rows = await self._conn.fetch(
             f"SELECT {_PERIOD_POSTING_COLUMNS} FROM period_postings"
             " WHERE account_id = $1 AND period_start_us = $2 ORDER BY entry_id, price_id",
@@ -1100,12 +1120,14 @@ class _PgTx(_PgBillingTx):
         self._conn = conn
         self._counters: list[tuple[CounterKey, Counter]] = []  # saved, not yet written
         self._events: list[tuple[str, str, str, str, int]] = []  # emitted, see flush_outbox
+        self._periods = []
 
     async def flush(self) -> None:
-        """Write the counters saved since the last write."""
+        """Write the counters and period postings saved since the last write."""
         if self._counters:
             ordered, self._counters = self._counters, []
             await self._conn.execute(_SAVE_COUNTERS, *_counter_columns(ordered))
+        await self._write_periods()
 
     async def insert_records(
         self,
@@ -1201,6 +1223,7 @@ class _PgTx(_PgBillingTx):
         seq, prev = head[0] + 1, head[1]
         digest = entry_hash(entry, seq, prev)
         counters, self._counters = self._counters, []
+        periods, self._periods = self._periods, []
         postings = entry.postings
         await conn.execute(
             _APPEND_ENTRY,
@@ -1211,6 +1234,7 @@ class _PgTx(_PgBillingTx):
             [p.currency for p in postings],
             [p.amount for p in postings],
             *_counter_columns(counters),
+            *_period_columns(periods),
         )
         return ChainLink(entry, seq, prev, digest)
 

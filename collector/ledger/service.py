@@ -230,14 +230,15 @@ class LedgerService:
                     priced=priced,
                 )
                 await tx.save_counters(rated.counters)
-                await tx.append_entry(rated.entry)
-                await self._emit_threshold_crossings(tx, rated.entry)
                 # --- billing: which period's invoice carries each increment; late usage ---
+                # Before the entry: a store may write the period postings with it.
                 await attribute_usage(
                     tx, self.prices, account_id=account_id, entry_id=entry_id, priced=keys,
                     before=counters, after=rated.counters, records=new, now_us=now_us,
                 )
                 # --- end billing ---------------------------------------------------------
+                await tx.append_entry(rated.entry)
+                await self._emit_threshold_crossings(tx, rated.entry)
             if held:
                 new_held = await tx.hold(held, now_us)
                 for r in held:

@@ -175,7 +175,10 @@ class LedgerTx(Protocol):
     async def finalized_periods(self, account_id: str, from_us: int) -> list[int]:
         """Starts of the account's finalized invoice periods at or after ``from_us``."""
 
-    async def insert_period_postings(self, rows: Sequence[PeriodPosting]) -> None: ...
+    async def insert_period_postings(self, rows: Sequence[PeriodPosting]) -> None:
+        """Insert period postings. A store may write them later in the transaction
+        (PostgreSQL: with the next journal entry, in the entry's statement), but always
+        before the transaction reads period postings or commits."""
 
     async def period_counters(self, account_id: str, period_start_us: int) -> dict[str, Counter]:
         """The account's running counters of one period, by price id."""

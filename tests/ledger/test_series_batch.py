@@ -111,7 +111,13 @@ class Recorded:
         self.finalized = finalized
         self.calls: list[tuple[Any, ...]] = []
 
+    async def lock_account(self, account_id: str) -> None:
+        self.calls.append(("lock_account", account_id))
+
     async def finalized_periods(self, account_id: str, from_us: int) -> list[int]:
+        # Finalizing locks the chain head first: asked without it, the answer could
+        # change before the usage commits, and the usage land in a finalized period.
+        assert ("lock_account", account_id) in self.calls
         self.calls.append(("finalized_periods", account_id, from_us))
         return [p for p in self.finalized if p >= from_us]
 
