@@ -285,6 +285,16 @@ _LOCK_COUNTERS = (
     " DO UPDATE SET quantity = counters.quantity"
     " RETURNING account_id, price_id, period_start_us, quantity, amount"
 )
+# The same, for the counters of one account, and then its chain head locked and read
+# for the entry that follows (one round trip less). UNION ALL runs its branches in
+# order, so the locks are taken in the order of the two statements: counters, then
+# the head. No head row yet (the account's first entry): none comes back.
+_LOCK_COUNTERS_AND_HEAD = (
+    "WITH c AS (" + _LOCK_COUNTERS + "),"
+    " h AS (SELECT chain_seq, hash FROM chain_heads WHERE account_id = $4 FOR UPDATE)"
+    " SELECT c.*, NULL::bigint, NULL::text FROM c"
+    " UNION ALL SELECT NULL, NULL, NULL, NULL, NULL, h.chain_seq, h.hash FROM h"
+)
 _SAVE_COUNTERS = (
     "INSERT INTO counters SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[],"
     " $4::numeric[], $5::numeric[]) ON CONFLICT (account_id, price_id, period_start_us)"
@@ -1121,6 +1131,8 @@ class _PgTx(_PgBillingTx):
         self._counters: list[tuple[CounterKey, Counter]] = []  # saved, not yet written
         self._events: list[tuple[str, str, str, str, int]] = []  # emitted, see flush_outbox
         self._periods = []
+        # Chain heads locked and read by load_counters, each taken by the next entry.
+        self._heads: dict[str, tuple[int, str]] = {}
 
     async def flush(self) -> None:
         """Write the counters and period postings saved since the last write."""
@@ -1201,13 +1213,24 @@ class _PgTx(_PgBillingTx):
         ordered = sorted(set(keys))
         if not ordered:
             return {}
-        rows = await self._conn.fetch(
-            _LOCK_COUNTERS,
+        columns = (
             [k.account_id for k in ordered],
             [k.price_id for k in ordered],
             [k.period_start_us for k in ordered],
         )
-        return {CounterKey(r[0], r[1], r[2]): Counter(r[3], r[4]) for r in rows}
+        account_id = ordered[0].account_id
+        if account_id != ordered[-1].account_id:  # several accounts (sorted: first, last)
+            rows = await self._conn.fetch(_LOCK_COUNTERS, *columns)
+            return {CounterKey(r[0], r[1], r[2]): Counter(r[3], r[4]) for r in rows}
+        # One account, as a usage entry's: its chain head comes along for the entry.
+        rows = await self._conn.fetch(_LOCK_COUNTERS_AND_HEAD, *columns, account_id)
+        found: dict[CounterKey, Counter] = {}
+        for r in rows:
+            if r[0] is None:
+                self._heads[account_id] = (r[5], r[6])
+            else:
+                found[CounterKey(r[0], r[1], r[2])] = Counter(r[3], r[4])
+        return found
 
     async def save_counters(self, values: Mapping[CounterKey, Counter]) -> None:
         await self.flush()
@@ -1215,7 +1238,9 @@ class _PgTx(_PgBillingTx):
 
     async def append_entry(self, entry: JournalEntry) -> ChainLink:
         conn = self._conn
-        head = await conn.fetchrow(_LOCK_HEAD, entry.account_id)
+        head = self._heads.pop(entry.account_id, None)  # locked and read by load_counters
+        if head is None:
+            head = await conn.fetchrow(_LOCK_HEAD, entry.account_id)
         if head is None:  # the account's first entry: create its chain head, then lock it
             await conn.execute(_NEW_HEAD, entry.account_id, GENESIS_HASH)
             head = await conn.fetchrow(_LOCK_HEAD, entry.account_id)

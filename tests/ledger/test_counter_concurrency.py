@@ -6,6 +6,7 @@ import asyncio
 from decimal import Decimal
 
 import asyncpg
+import pytest
 
 from collector.ledger.postgres_store import PostgresLedger
 from collector.ledger.verify import verify_ledger
@@ -44,3 +45,47 @@ async def test_concurrent_first_batches_of_a_period_add_up_on_one_counter(
     finally:
         await first.close()
         await second.close()
+
+
+async def test_a_usage_entry_locks_its_counters_before_its_chain_head(
+    pg_databases: Databases,
+) -> None:
+    """Counters, then the chain head, the order of every posting transaction, also when
+    one statement takes both: with the head held elsewhere, a posting waits for it
+    holding its counters, never the other way round."""
+    dsn = await pg_databases.create()
+    ledger = await PostgresLedger.open(dsn, name="c1")
+    holder = await asyncpg.connect(dsn)
+    probe = await asyncpg.connect(dsn)
+    try:
+        svc = service([ledger])
+        await svc.post([record(quantity="1000000000", seq=1)], T0)  # the head and counter exist
+        holder_tx = holder.transaction()
+        await holder_tx.start()
+        await holder.execute("SELECT 1 FROM chain_heads WHERE account_id = 'acme' FOR UPDATE")
+        posting = asyncio.create_task(svc.post([record(quantity="2000000000", seq=2)], T0))
+        # The posting's transaction now waits for the head...
+        for _ in range(200):
+            waiting = await probe.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                " AND query LIKE '%chain_heads%' AND pid <> pg_backend_pid()"
+            )
+            if waiting:
+                break
+            await asyncio.sleep(0.02)
+        assert waiting == 1
+        # ... with the counter it touches locked already.
+        await probe.execute("SET lock_timeout = '100ms'")
+        with pytest.raises(asyncpg.exceptions.LockNotAvailableError):
+            await probe.fetchval(
+                "SELECT 1 FROM counters WHERE account_id = 'acme' AND price_id = 'egress'"
+                " FOR UPDATE"
+            )
+        await holder_tx.rollback()
+        await asyncio.wait_for(posting, 10)
+        assert await receivable(svc, "acme") == Decimal("0.04")  # 3 GB at 0.013, rounded
+        assert (await verify_ledger([ledger])).ok
+    finally:
+        await holder.close()
+        await probe.close()
+        await ledger.close()
