@@ -160,8 +160,10 @@ def seq_marks(
 ) -> SeqMarks:
     """What one ingest call accounts for: the seqs of the records it answered for and
     the ``retired`` inclusive (first, last) ranges, merged; seqs below ``start`` (not
-    tracked) and past what the stores hold are left out."""
-    top = MAX_STORED_SEQ + 1
+    tracked) and past what the stores hold are left out. The stores keep half-open
+    ranges of signed 64-bit integers, whose end cannot pass 2^63-1: so the last seq a
+    record may carry, 2^63-1 itself, is stored with its record but not tracked."""
+    top = MAX_STORED_SEQ
     ranges = merge_seq_ranges(
         ranges_of(s for s in seqs if s < top),
         ((first, min(last + 1, top)) for first, last in retired if first <= last),

@@ -61,6 +61,9 @@ def test_marks_take_answered_seqs_and_retired_ranges_and_skip_below_the_start() 
     marks = seq_marks("h", "e", 10, [3, 10, 11, 15], [(12, 14), (0, 4), (20, 20)], T0)
     assert marks.ranges == [(10, 16), (20, 21)]
     assert seq_marks("h", "", None, [], [], T0).ranges == []
+    # A range's end is a signed 64-bit integer too: the largest seq is not tracked.
+    top = seq_marks("h", "e", 0, [2**63 - 2, 2**63 - 1], [(2**63 - 3, 2**64 - 1)], T0)
+    assert top.ranges == [(2**63 - 3, 2**63 - 1)]
 
 
 def test_bad_epoch_metadata_is_named() -> None:
@@ -217,3 +220,15 @@ async def test_seqs_are_not_marked_when_their_transaction_fails(tmp_path: Path) 
         assert view.highest == 0
     finally:
         await store.close()
+
+
+@pytest.mark.parametrize("stores", ["sqlite", "pg"], indirect=True)
+async def test_the_largest_seqs_are_stored_and_tracked_up_to_what_a_range_can_hold(
+    stores: list[LedgerStore],
+) -> None:
+    svc = service(stores, router(Assignment("host-c", "acme")))
+    top = 2**63 - 1
+    outcomes = await post(svc, "host-c", "e1", [top - 1, top])
+    assert set(outcomes.values()) == {Outcome.ACCEPTED}
+    [c] = await Sequences(svc.ledger, GRACE_S).hosts()
+    assert c.highest == top - 1
