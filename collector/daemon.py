@@ -302,13 +302,18 @@ def _reload(state: Running, ledger: ShardedLedger) -> None:
     except MeterdError as exc:
         log.error("reload_refused", error=str(exc))
         return
+    old = state.service
     state.config, state.service, state.billing = cfg, service, billing
     log.info("configuration_reloaded", assignments=len(cfg.assignments),
              accounts=len(cfg.terms), denied_serials=len(cfg.denied_serials))
-    asyncio.get_running_loop().create_task(_release_after_reload(service))
+    asyncio.get_running_loop().create_task(_release_after_reload(service, old))
 
 
-async def _release_after_reload(service: LedgerService) -> None:
+async def _release_after_reload(service: LedgerService, old: LedgerService) -> None:
+    """Post the held records that the new assignments cover, once the posts still
+    routed with the old ones are done: one of them may hold records after this read
+    the held rows (its calls retry a failure, so it ends)."""
+    await old.settled()
     try:
         released = await service.release_held(to_us_now())
     except MeterdError as exc:

@@ -167,7 +167,10 @@ async def post_events(request: web.Request) -> web.StreamResponse:
     )
     timely = [u.record for _, u in unique if not u.late]
     late = [u.record for _, u in unique if u.late]
-    outcomes = await events_service.post(timely, now_us) if timely else {}
+    outcomes: dict[str, Outcome] = {}
+    if timely:
+        async with service.busy():  # routed with this service's assignments
+            outcomes = await events_service.post(timely, now_us)
     if late:
         reason = late_reason(config.raw.ingest)
         kept = await quarantine_records(events_service, late,

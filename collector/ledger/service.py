@@ -9,15 +9,20 @@ fails with :class:`StoreUnavailable`; the agent resends, and what did commit ans
 ``duplicate`` the second time.
 
 Records of a host with no assignment at their time are held on the host's shard and
-posted by :meth:`LedgerService.release_held` once an assignment covers them.
+posted by :meth:`LedgerService.release_held` once an assignment covers them. A service
+counts its posts in flight (:meth:`LedgerService.busy`): after a reload the collector
+waits until the old service's posts are done (:meth:`LedgerService.settled`) before it
+releases, so that a call which routed with the old assignments and holds records just
+after the release read the held rows cannot leave them held.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 
@@ -84,6 +89,26 @@ class LedgerService:
         self.router = router
         self.prices = prices
         self.thresholds = dict(thresholds or {})  # receivable balance thresholds by account
+        self._busy = 0  # posts in flight, see busy()
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    @contextlib.asynccontextmanager
+    async def busy(self) -> AsyncIterator[None]:
+        """Count a post in flight on this service (also one made through another
+        service built on this one's router, as the events API does)."""
+        self._busy += 1
+        self._idle.clear()
+        try:
+            yield
+        finally:
+            self._busy -= 1
+            if not self._busy:
+                self._idle.set()
+
+    async def settled(self) -> None:
+        """Wait until no post of this service is in flight."""
+        await self._idle.wait()
 
     async def post(
         self, records: Sequence[UsageRecord], now_us: int, marks: SeqMarks | None = None
@@ -94,6 +119,12 @@ class LedgerService:
         written in the transaction of the host's shard when that is the only shard
         posted to, otherwise in a transaction of their own once every shard committed.
         """
+        async with self.busy():
+            return await self._post(records, now_us, marks)
+
+    async def _post(
+        self, records: Sequence[UsageRecord], now_us: int, marks: SeqMarks | None
+    ) -> dict[str, Outcome]:
         by_store: dict[int, dict[str, Sequence[UsageRecord]]] = defaultdict(dict)
         held: dict[int, list[UsageRecord]] = defaultdict(list)
         index = {id(s): i for i, s in enumerate(self.ledger.stores)}

@@ -6,14 +6,18 @@ shards (four databases).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import sqlite3
 from collections.abc import AsyncIterator
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import pytest
 
+from collector.daemon import _release_after_reload
 from collector.ledger.service import LedgerService, Outcome
 from collector.ledger.store import LedgerStore
 from collector.ledger.verify import verify_ledger
@@ -113,6 +117,46 @@ async def test_unassigned_host_is_held_then_rated_once_assigned(
     assert await assigned.release_held(T0 + 6) == 0
     assert await receivable(assigned, "acme") == Decimal("0.04")  # 3 GB * 0.013 = 0.039
     assert await svc.ledger.for_host("host-z").held() == []
+    assert (await verify_ledger(list(stores))).ok
+
+
+class Gated:
+    """A store whose transactions wait for ``gate`` (and say so in ``entered``)."""
+
+    def __init__(self, store: LedgerStore, gate: asyncio.Event, entered: asyncio.Event) -> None:
+        self._store, self._gate, self._entered = store, gate, entered
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+    @contextlib.asynccontextmanager
+    async def transaction(self) -> AsyncIterator[Any]:
+        self._entered.set()
+        await self._gate.wait()
+        async with self._store.transaction() as tx:
+            yield tx
+
+
+async def test_the_release_after_a_reload_waits_for_posts_routed_before_it(
+    stores: list[LedgerStore],
+) -> None:
+    """A post routed with the old assignments holds its records; if its transaction
+    begins after the reload's release read the held rows, the release must have
+    waited for it, or its records stay held though their host is assigned."""
+    gate, entered = asyncio.Event(), asyncio.Event()
+    old = service([Gated(s, gate, entered) for s in stores])  # type: ignore[misc]
+    new = service(stores, router(Assignment("host-z", "acme")))
+    batch = [record("host-z", quantity="1000000000") for _ in range(3)]
+    posting = asyncio.create_task(old.post(batch, T0))
+    await asyncio.wait_for(entered.wait(), 10)  # routed (held), its transaction not begun
+    release = asyncio.create_task(_release_after_reload(new, old))
+    await asyncio.sleep(0.2)
+    assert not release.done()
+    gate.set()
+    assert set((await posting).values()) == {Outcome.HELD}
+    await asyncio.wait_for(release, 10)
+    assert await new.ledger.for_host("host-z").held() == []
+    assert await receivable(new, "acme") == Decimal("0.04")
     assert (await verify_ledger(list(stores))).ok
 
 
