@@ -34,9 +34,10 @@ from collector.ledger.postgres_store import _RECORD_COLUMNS, SCHEMA, _copy_text
 from common.ids import new_id
 from common.records import UsageRecord, build_records
 
-# The ledger's records table, as created (collector.ledger.postgres_store.SCHEMA).
+# The ledger's records table, as created (collector.ledger.postgres_store.SCHEMA): its
+# key, and no other index (the usage reads use the usage sums).
 LEDGER_DDL = SCHEMA[SCHEMA.index("CREATE TABLE IF NOT EXISTS records"):
-                    SCHEMA.index("-- No index on entry_id")]
+                    SCHEMA.index("-- Usage sums:")]
 
 _COLUMNS = """record_id TEXT{c}{pk}, account_id TEXT{c} NOT NULL, entry_id TEXT NOT NULL,
 host_id TEXT{c} NOT NULL, metric TEXT{c} NOT NULL, unit TEXT{c} NOT NULL,

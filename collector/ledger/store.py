@@ -190,7 +190,9 @@ class LedgerTx(Protocol):
         self, account_id: str, metrics: Sequence[str], from_us: int, to_us: int
     ) -> list[tuple[str, int, Decimal]]:
         """(metric, window start, quantity) of the account's records of ``metrics``
-        whose window starts in [from_us, to_us)."""
+        whose window starts in [from_us, to_us), in window order: one per record, or
+        one per (metric, window start) with the exact sum of its records' (a store may
+        answer from sums). Callers sum them per sample bucket either way."""
 
     async def first_usage_us(self, account_id: str) -> int | None:
         """The earliest window start of the account's records (None: no records)."""
@@ -247,6 +249,10 @@ class LedgerStore(Protocol):
 
     async def unlinked_records(self) -> list[str]:
         """Records whose entry is missing, or whose entry's digest does not match them."""
+
+    async def usage_sum_mismatches(self) -> list[str]:
+        """Where a store keeps its records' quantities summed for its usage reads: each
+        sum that differs from its records' (:func:`describe_sum_mismatch`)."""
 
     # --- running counters and sequences (verify, collector.sequences) -------------------
     async def counters(self) -> dict[CounterKey, Counter]:
@@ -380,6 +386,23 @@ ORPHAN_RECORDS_SQL = (
     "SELECT r.record_id FROM records r LEFT JOIN journal j ON j.entry_id = r.entry_id"
     " WHERE j.entry_id IS NULL"
 )
+
+
+def describe_sum_mismatch(
+    entry_id: str, account_id: str, metric: str, start_us: int, host_id: str, unit: str,
+    records_total: Decimal | None, records: int | None, sums_total: Decimal | None,
+    sums: int | None,
+) -> str:
+    """A usage sum that is not what its records sum to (either side may be missing)."""
+
+    def told(total: Decimal | None, count: int | None) -> str:
+        return "nothing" if total is None else f"{canonical_text(total)} over {count} records"
+
+    return (
+        f"entry {entry_id} (account {account_id}, host {host_id}, {metric} in {unit},"
+        f" window start {start_us}): usage sums hold {told(sums_total, sums)} but its"
+        f" records sum to {told(records_total, records)}"
+    )
 
 
 def describe_unlinked(

@@ -3,6 +3,7 @@
 Checks, per shard: every account's hash chain (nothing changed, removed or reordered
 after posting); every entry balanced per currency; every balance equal to the sum of
 its postings; no record id twice; every usage entry's records match its digest;
+the usage sums that PostgreSQL shards read for usage equal their records;
 every finalized invoice and credit note equals its ledger postings to the minor unit
 and is the document its journal entry was chained with (:mod:`collector.billing.verify`);
 and, given the prices that rate the ledger (:class:`PriceSource`), every running
@@ -80,6 +81,7 @@ async def verify_ledger(
             f"{prefix}record {r} stored twice" for r in await store.duplicate_record_ids()
         ]
         report.problems += [prefix + p for p in await store.unlinked_records()]
+        report.problems += [prefix + p for p in await store.usage_sum_mismatches()]
         if prices is not None:
             counters = await store.counters()
             report.counters += len(counters)

@@ -254,7 +254,8 @@ async def test_journal_refuses_update_and_delete(svc: LedgerService) -> None:
         assert isinstance(store, PostgresLedger)
         conn2 = await asyncpg.connect(store.dsn)
         try:
-            for sql in [*statements, "TRUNCATE journal"]:
+            for sql in [*statements, "TRUNCATE journal", "UPDATE usage_sums SET quantity = 0",
+                        "DELETE FROM usage_sums", "TRUNCATE usage_sums"]:
                 with pytest.raises(asyncpg.InsufficientPrivilegeError, match="append-only"):
                     await conn2.execute(sql)
         finally:
