@@ -81,7 +81,6 @@ from collector.ledger.store import (
 from collector.ledger.timing import timed_transaction
 from common.errors import IntegrityError, StoreUnavailable
 from common.ids import new_id
-from common.money import CONTEXT
 from common.records import SeriesBatch, UsageRecord
 
 SCHEMA = """
@@ -105,13 +104,14 @@ CREATE TABLE IF NOT EXISTS records (
     received_us BIGINT NOT NULL
 );
 -- Usage sums: the records' quantities summed per (account, metric, window start, host,
--- unit) and journal entry, written in the transaction that inserts the records. Every
--- per-account read of usage (totals, the usage API, p95 and max billing, an account's
--- first usage) reads them, so records need no index by account: a benchmark batch of
--- 1,000 records has about 60 sums, and the index cost PostgreSQL more CPU per record
--- than the sums do (docs/benchmarks.md). `meterd ledger verify` checks them. A
--- ledger created before gets them from its records when it is next opened
--- (PostgresLedger.open).
+-- unit) and journal entry, by a trigger on every statement that inserts records (a
+-- COPY or an INSERT: the rows it inserted, not those ON CONFLICT skipped), so in the
+-- same transaction whatever inserts them. Every per-account read of usage (totals, the
+-- usage API, p95 and max billing, an account's first usage) reads them, so records
+-- need no index by account: a benchmark batch of 1,000 records has about 60 sums, and
+-- the index cost PostgreSQL more CPU per record than the sums do (docs/benchmarks.md).
+-- `meterd ledger verify` checks them against the records. A ledger created before gets
+-- them from its records when it is next opened (PostgresLedger.open).
 CREATE TABLE IF NOT EXISTS usage_sums (
     account_id TEXT COLLATE "C" NOT NULL,
     metric     TEXT COLLATE "C" NOT NULL,
@@ -124,6 +124,21 @@ CREATE TABLE IF NOT EXISTS usage_sums (
 );
 CREATE INDEX IF NOT EXISTS usage_sums_account ON usage_sums (account_id, metric, start_us);
 DROP INDEX IF EXISTS records_account;
+CREATE OR REPLACE FUNCTION meterd_usage_sums() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO usage_sums SELECT account_id, metric, start_us, host_id, unit, entry_id,
+        sum(quantity), count(*) FROM new_records
+        GROUP BY account_id, metric, start_us, host_id, unit, entry_id;
+    RETURN NULL;
+END $$;
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_trigger WHERE tgname = 'records_usage_sums') THEN
+        CREATE TRIGGER records_usage_sums AFTER INSERT ON records
+            REFERENCING NEW TABLE AS new_records
+            FOR EACH STATEMENT EXECUTE FUNCTION meterd_usage_sums();
+    END IF;
+END $$;
 -- No index on entry_id: only `meterd ledger verify` joins records to their entries, over
 -- the whole table (a hash join), and the index cost every ingested record about 1 us
 -- of PostgreSQL's CPU (docs/benchmarks.md). Ledgers created with it lose it here.
@@ -284,23 +299,15 @@ _RECORD_COLUMNS = (
     "record_id", "account_id", "entry_id", "host_id", "metric", "unit", "quantity",
     "start_us", "end_us", "seq", "labels", "received_us",
 )
-# The new records and their usage sums, in one statement; the new ids come back as one
-# array, not one result row per record.
+# The new ids come back as one array, not one result row per record.
 _INSERT_RECORDS = (
     "WITH new AS (INSERT INTO records SELECT r.id, $1, $2, r.host, r.metric, r.unit,"
     " r.q::numeric, r.s, r.e, r.seq, r.labels::jsonb, $3"
     " FROM unnest($4::text[], $5::text[], $6::text[], $7::text[], $8::text[],"
     " $9::bigint[], $10::bigint[], $11::bigint[], $12::text[])"
     " AS r(id, host, metric, unit, q, s, e, seq, labels)"
-    " ON CONFLICT (record_id) DO NOTHING"
-    " RETURNING record_id, host_id, metric, unit, quantity, start_us),"
-    " sums AS (INSERT INTO usage_sums SELECT $1, metric, start_us, host_id, unit, $2,"
-    " sum(quantity), count(*) FROM new GROUP BY metric, start_us, host_id, unit)"
+    " ON CONFLICT (record_id) DO NOTHING RETURNING record_id)"
     " SELECT coalesce(array_agg(record_id), '{}') FROM new"
-)
-_INSERT_SUMS = (
-    "INSERT INTO usage_sums SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[],"
-    " $4::text[], $5::text[], $6::text[], $7::numeric[], $8::bigint[])"
 )
 _SUMS_OF_RECORDS = (
     "SELECT account_id, metric, start_us, host_id, unit, entry_id, sum(quantity), count(*)"
@@ -353,9 +360,7 @@ _APPEND_ENTRY = (
     " DO UPDATE SET quantity = EXCLUDED.quantity, amount = EXCLUDED.amount),"
     " period_rows AS (INSERT INTO period_postings (entry_id, account_id, price_id, currency,"
     " period_start_us, origin_start_us, amount) SELECT * FROM unnest($19::text[], $20::text[],"
-    " $21::text[], $22::text[], $23::bigint[], $24::bigint[], $25::numeric[])),"
-    " sum_rows AS (INSERT INTO usage_sums SELECT * FROM unnest($26::text[], $27::text[],"
-    " $28::bigint[], $29::text[], $30::text[], $31::text[], $32::numeric[], $33::bigint[]))"
+    " $21::text[], $22::text[], $23::bigint[], $24::bigint[], $25::numeric[]))"
     " UPDATE chain_heads SET chain_seq = $3, hash = $9 WHERE account_id = $2"
 )
 _LABELS_JSON = json.JSONEncoder(sort_keys=True)
@@ -735,68 +740,11 @@ def _period_columns(
     )
 
 
-UsageSum = tuple[str, str, int, str, str, str, Decimal, int]  # a row of usage_sums
-
-
-def _usage_sums(records: Sequence[UsageRecord], account_id: str, entry_id: str) -> list[UsageSum]:
-    """The usage_sums rows of new records: their quantities summed exactly per (metric,
-    window start, host, unit), with the count of each."""
-    add = CONTEXT.add
-    cells: dict[tuple[str, int, str, str], list[Any]] = {}
-    get = cells.get
-    if isinstance(records, SeriesBatch):  # one host; metric and unit once per series
-        kinds: dict[tuple[str, str], int] = {}
-        kind = [
-            kinds.setdefault(mu, len(kinds))
-            for mu in zip(records.metrics, records.units, strict=True)
-        ]
-        by_kind: dict[tuple[int, int], list[Any]] = {}
-        get_kind = by_kind.get
-        for s, start, value in zip(
-            records.series, records.starts_us, records.values, strict=True
-        ):
-            at = (kind[s], start)
-            cell = get_kind(at)
-            if cell is None:
-                by_kind[at] = [value, 1]
-            else:
-                cell[0] = add(cell[0], value)
-                cell[1] += 1
-        names = list(kinds)
-        host = records.host_id
-        cells = {(names[k][0], start, host, names[k][1]): c for (k, start), c in by_kind.items()}
-    else:
-        for r in records:
-            key = (r.metric, r.start_us, r.host_id, r.unit)
-            cell = get(key)
-            if cell is None:
-                cells[key] = [r.quantity, 1]
-            else:
-                cell[0] = add(cell[0], r.quantity)
-                cell[1] += 1
-    return [
-        (account_id, metric, start, host, unit, entry_id, total, count)
-        for (metric, start, host, unit), (total, count) in cells.items()
-    ]
-
-
-def _sum_columns(rows: Sequence[UsageSum]) -> list[list[Any]]:
-    return [list(column) for column in zip(*rows, strict=True)] if rows else [[]] * 8
-
-
 class _PgBillingTx:
     """The billing statements of :class:`_PgTx` (see :class:`LedgerTx`)."""
 
     _conn: asyncpg.Connection
     _periods: list[PeriodPosting]  # inserted, not yet written: see insert_period_postings
-    _sums: list[UsageSum]  # of records inserted by COPY, not yet written: see _write_sums
-
-    async def _write_sums(self) -> None:
-        """Write the staged usage sums: a usage entry's statement writes them with it;
-        anything that reads them, and COMMIT, writes them first."""
-        if self._sums:
-            rows, self._sums = self._sums, []
-            await self._conn.execute(_INSERT_SUMS, *_sum_columns(rows))
 
     async def lock_account(self, account_id: str) -> None:
         conn = self._conn
@@ -852,7 +800,6 @@ class _PgBillingTx:
     ) -> list[tuple[str, int, Decimal]]:
         if not metrics:
             return []
-        await self._write_sums()
         rows = await self._conn.fetch(
             "SELECT metric, start_us, sum(quantity) FROM usage_sums WHERE account_id = $1"
             " AND metric = ANY($2::text[]) AND start_us >= $3 AND start_us < $4"
@@ -865,7 +812,6 @@ class _PgBillingTx:
         return [(r[0], r[1], r[2]) for r in rows]
 
     async def first_usage_us(self, account_id: str) -> int | None:
-        await self._write_sums()
         value = await self._conn.fetchval(
             "SELECT min(start_us) FROM usage_sums WHERE account_id = $1", account_id
         )
@@ -984,7 +930,8 @@ class PostgresLedger(_PgBillingStore):
             async with self._pool.acquire() as conn, conn.transaction():
                 tx = _PgTx(conn)
                 yield tx
-                await tx.finish()
+                await tx.flush()
+                await tx.flush_outbox()
         except UNAVAILABLE as exc:
             raise StoreUnavailable(f"{self.name}: {type(exc).__name__}: {exc}") from exc
 
@@ -1242,15 +1189,8 @@ class _PgTx(_PgBillingTx):
         self._counters: list[tuple[CounterKey, Counter]] = []  # saved, not yet written
         self._events: list[tuple[str, str, str, str, int]] = []  # emitted, see flush_outbox
         self._periods = []
-        self._sums = []
         # Chain heads locked and read by load_counters, each taken by the next entry.
         self._heads: dict[str, tuple[int, str]] = {}
-
-    async def finish(self) -> None:
-        """Before COMMIT: write everything staged."""
-        await self.flush()
-        await self._write_sums()
-        await self.flush_outbox()
 
     async def flush(self) -> None:
         """Write the counters and period postings saved since the last write."""
@@ -1296,9 +1236,6 @@ class _PgTx(_PgBillingTx):
                 )
             except asyncpg.exceptions.UniqueViolationError as exc:
                 raise InsertConflict(exc.detail or str(exc)) from None
-            # Every record is new (or the COPY failed): the sums of all of them, written
-            # with the entry that follows.
-            self._sums += _usage_sums(records, account_id, entry_id)
             return set(ids)
         ordered = sorted(records, key=_record_id)
         # One pass over the records, then one column per array parameter.
@@ -1370,7 +1307,6 @@ class _PgTx(_PgBillingTx):
         digest = entry_hash(entry, seq, prev)
         counters, self._counters = self._counters, []
         periods, self._periods = self._periods, []
-        sums, self._sums = self._sums, []
         postings = entry.postings
         await conn.execute(
             _APPEND_ENTRY,
@@ -1382,7 +1318,6 @@ class _PgTx(_PgBillingTx):
             [p.amount for p in postings],
             *_counter_columns(counters),
             *_period_columns(periods),
-            *_sum_columns(sums),
         )
         return ChainLink(entry, seq, prev, digest)
 
