@@ -14,6 +14,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -66,6 +67,16 @@ currency = "eur"
     return path
 
 
+def dies_with_us(args: list[str]) -> list[str]:
+    """``args`` run so that the kernel kills the process when the thread that starts it
+    ends (PR_SET_PDEATHSIG through util-linux's ``setpriv``, which then becomes the
+    command, same pid): a test run that is killed leaves no collector or agent behind.
+    Only from the main thread, which lives as long as the run; elsewhere, as given."""
+    if threading.current_thread() is not threading.main_thread() or not shutil.which("setpriv"):
+        return args
+    return ["setpriv", "--pdeathsig", "KILL", "--", *args]
+
+
 class CollectorProcess:
     def __init__(self, config: Path) -> None:
         self.config = config
@@ -81,7 +92,7 @@ class CollectorProcess:
         ready.unlink(missing_ok=True)
         with self.log.open("ab") as log:
             self.proc = subprocess.Popen(
-                [
+                dies_with_us([
                     sys.executable,
                     "-m",
                     "common.cli",
@@ -91,7 +102,7 @@ class CollectorProcess:
                     str(self.config),
                     "--ready-file",
                     str(ready),
-                ],
+                ]),
                 cwd=self.workdir,
                 stdout=log,
                 stderr=log,

@@ -32,7 +32,7 @@ import asyncpg
 import pytest
 
 from collector.ledger.sharding import SLOTS
-from tests.harness import ROOT
+from tests.harness import ROOT, dies_with_us
 from tests.ledger.helpers import TARIFF
 
 SOAK = os.environ.get("METERD_SOAK", "") == "1"
@@ -358,7 +358,7 @@ enabled = ["cpu.seconds", "net.tx_bytes"]
             args += ["--batch-log", str(self.batch_log)]
         with self.log.open("ab") as log:
             self.proc = subprocess.Popen(
-                args, cwd=ROOT, stdout=log, stderr=log,
+                dies_with_us(args), cwd=ROOT, stdout=log, stderr=log,
                 env={**os.environ, "PYTHONPATH": str(ROOT), **self.env},
             )
         self._starts_before = before
