@@ -38,6 +38,9 @@ from common.records import UsageRecord, build_records
 # key, and no other index (the usage reads use the usage sums).
 LEDGER_DDL = SCHEMA[SCHEMA.index("CREATE TABLE IF NOT EXISTS records"):
                     SCHEMA.index("-- Usage sums:")]
+# ... and the usage sums its trigger writes for each COPY.
+SUMS_DDL = SCHEMA[SCHEMA.index("CREATE TABLE IF NOT EXISTS usage_sums"):
+                  SCHEMA.index("-- No index on entry_id")]
 
 _COLUMNS = """record_id TEXT{c}{pk}, account_id TEXT{c} NOT NULL, entry_id TEXT NOT NULL,
 host_id TEXT{c} NOT NULL, metric TEXT{c} NOT NULL, unit TEXT{c} NOT NULL,
@@ -61,6 +64,7 @@ VARIANTS: dict[str, tuple[str, tuple[str, ...]]] = {
                               ("(account_id, metric)",)),
     'key, COLLATE "C", no account index': (_table(collate=True, pk=True), ()),
     "ledger (as created)": ("", ()),
+    "ledger, with its usage sums": ("sums", ()),
 }
 
 
@@ -90,8 +94,10 @@ async def fill(conn: asyncpg.Connection, backend: int, name: str,
                chunks: Sequence[bytes]) -> float:
     """Backend CPU microseconds per row for filling variant ``name`` from empty."""
     columns, indexes = VARIANTS[name]
-    await conn.execute("DROP TABLE IF EXISTS records")
-    if columns:
+    await conn.execute("DROP TABLE IF EXISTS records, usage_sums")
+    if columns == "sums":
+        await conn.execute(LEDGER_DDL + SUMS_DDL)
+    elif columns:
         await conn.execute(f"CREATE TABLE records ({columns})")
     else:
         await conn.execute(LEDGER_DDL)
@@ -104,6 +110,10 @@ async def fill(conn: asyncpg.Connection, backend: int, name: str,
             await conn.copy_to_table("records", source=memoryview(data),
                                      columns=_RECORD_COLUMNS, format="text")
     rows: int = await conn.fetchval("SELECT count(*) FROM records")
+    if columns == "sums":
+        summed = await conn.fetchval("SELECT sum(records) FROM usage_sums")
+        if summed != rows:
+            raise SystemExit(f"{name}: {summed} of {rows} rows summed")
     if rows != sum(c.count(b"\n") for c in chunks):
         raise SystemExit(f"{name}: {rows} rows stored")
     return (process_cpu_ns(backend) - before) / 1000 / rows
