@@ -43,6 +43,7 @@ import grpc
 from collector.billing.quarantine import quarantine_records
 from collector.config import IngestConfig
 from collector.fleet import Fleet, certificate_expiry_us
+from collector.ingest_metrics import ANSWERED, Answered
 from collector.ledger.service import LedgerService, Outcome
 from collector.sequences import check_epoch, seq_marks
 from common import logs
@@ -241,6 +242,10 @@ class IngestService(pb_grpc.IngestServicer):
             response = self._response(skew_us, ids, outcomes, rejected, repeated)
         accepted = len(outcomes) - duplicate
         rejected_count = len(rejected) - len(repeated)
+        ANSWERED.set(Answered(  # the acks by outcome, for the metrics (collector.ingest_metrics)
+            accepted, duplicate + len(repeated), rejected_count,
+            tuple(reason for reason in rejected.values() if reason),
+        ))
         self._fleet.seen(
             host_id,
             now_us=now_us,

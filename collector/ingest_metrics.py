@@ -3,7 +3,9 @@
 The interceptor times each call from the moment the handler starts to its answer
 (which comes after the batch's commit), counts the acks of the answer by outcome and
 rejected records by reason, and counts calls by gRPC status code, refusals included.
-It reads what the ingest service answered and changes nothing.
+It reads what the ingest service answered and changes nothing: the counts the service
+gives with its answer (:data:`ANSWERED`, set in the call's own context), or else the
+acks themselves (reading a thousand acks costs about 0.2 ms).
 
 This module imports ``grpc``: import it only where gRPC is set up (after
 :func:`common.tls.restrict_grpc_to_tls13`), never from the REST API.
@@ -13,6 +15,8 @@ from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -27,6 +31,21 @@ if TYPE_CHECKING:  # generic in the type stubs only
     _Interceptor = grpc.aio.ServerInterceptor[Any, Any]
 else:
     _Interceptor = grpc.aio.ServerInterceptor
+
+
+@dataclass(frozen=True, slots=True)
+class Answered:
+    """How many acks of an answer say each outcome, and the rejected ones' reasons."""
+
+    accepted: int
+    duplicate: int
+    rejected: int
+    reasons: tuple[str, ...] = ()
+
+
+# Set by the handler just before it answers: the call's task runs the handler inside
+# the interceptor's ``await``, so the interceptor reads it back once the handler returns.
+ANSWERED: ContextVar[Answered | None] = ContextVar("meterd_answered", default=None)
 
 
 class IngestMetricsInterceptor(_Interceptor):
@@ -48,23 +67,38 @@ class IngestMetricsInterceptor(_Interceptor):
 
         async def observed(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             started = time.perf_counter()
+            answered = ANSWERED.set(None)
             try:
                 response = await inner(request, context)
             except BaseException:
                 code = context.code()
                 metrics.calls.labels(code.name if code is not None else "UNKNOWN").inc()
                 raise
-            metrics.ack_latency.observe(time.perf_counter() - started)
-            metrics.calls.labels("OK").inc()
-            if isinstance(response, pb.PushResponse):
-                observe_acks(metrics, response)
-            return response
+            else:
+                metrics.ack_latency.observe(time.perf_counter() - started)
+                metrics.calls.labels("OK").inc()
+                counts = ANSWERED.get()
+                if counts is not None:
+                    observe_answer(metrics, counts)
+                elif isinstance(response, pb.PushResponse):
+                    observe_acks(metrics, response)
+                return response
+            finally:
+                ANSWERED.reset(answered)
 
         return grpc.unary_unary_rpc_method_handler(
             observed,
             request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer,
         )
+
+
+def observe_answer(metrics: Metrics, answer: Answered) -> None:
+    metrics.count_records("grpc", {
+        "accepted": answer.accepted, "duplicate": answer.duplicate, "rejected": answer.rejected
+    })
+    if answer.reasons:
+        metrics.count_rejects("grpc", [reject_reason(r) for r in answer.reasons])
 
 
 def observe_acks(metrics: Metrics, response: pb.PushResponse) -> None:

@@ -5,8 +5,10 @@ from __future__ import annotations
 import socket
 import ssl
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 
@@ -53,10 +55,12 @@ def handshake(server: ssl.SSLContext, client: ssl.SSLContext) -> Handshake:
     return Handshake(server_error=errors[0], client_version=version)
 
 
-async def serve_ingest(servicer: IngestServicer, pki_dir: Path) -> tuple[grpc.aio.Server, int]:
+async def serve_ingest(
+    servicer: IngestServicer, pki_dir: Path, interceptors: Sequence[Any] = ()
+) -> tuple[grpc.aio.Server, int]:
     """``servicer`` on a real grpc.aio server on a loopback port, with the test PKI's
     server certificate and mutual TLS; the caller stops it."""
-    server = grpc.aio.server()
+    server = grpc.aio.server(interceptors=list(interceptors))
     add_IngestServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
     creds = grpc_server_credentials(
         pki_dir / "servers" / "localhost.pem", pki_dir / "servers" / "localhost.key",
