@@ -21,7 +21,7 @@ lint: $(STAMP)
 	$(BIN)/lint-imports
 
 test: lint
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n 2
 
 clean:
 	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from common.cli import main
 from tests.harness import collector_config, meterd
 
 
@@ -18,11 +19,12 @@ def one_line_error(result: object) -> str:
     return lines[0]
 
 
-def test_version_and_help() -> None:
-    version = meterd("--version")
+def test_version_and_help(capsys: pytest.CaptureFixture[str]) -> None:
+    version = meterd("--version")  # the console script, as installed
     assert version.returncode == 0
     assert version.stdout.startswith("meterd ")
-    for command in (
+    assert "usage: meterd ledger verify" in meterd("ledger", "verify", "--help").stdout
+    for command in (  # the same parser, without a process each
         ["agent"],
         ["collector"],
         ["ledger"],
@@ -32,12 +34,12 @@ def test_version_and_help() -> None:
         ["agent", "run"],
         ["agent", "status"],
         ["collector", "run"],
-        ["ledger", "verify"],
         ["pki", "issue-agent"],
     ):
-        result = meterd(*command, "--help")
-        assert result.returncode == 0, command
-        assert "usage:" in result.stdout
+        with pytest.raises(SystemExit) as exit_:
+            main([*command, "--help"])
+        assert exit_.value.code == 0, command
+        assert "usage:" in capsys.readouterr().out, command
 
 
 def test_bad_flag() -> None:
