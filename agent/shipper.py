@@ -56,6 +56,10 @@ class ShipFailed(Exception):
         self.retry_after = retry_after
 
 
+# How long an agent sends rows to a collector that answered none of a batch of columns.
+ROWS_RETRY_US = 3600 * 1_000_000
+
+
 @dataclass(frozen=True)
 class ShipperSettings:
     batch_max_records: int = 1000
@@ -87,7 +91,9 @@ class Shipper:
         self._version = version
         self._clock_us = clock_us
         self.wake = asyncio.Event()
-        self._rows_only = False  # a collector answered none of a batch sent as columns
+        # Until then (µs) batches go as rows: a collector answered none of a batch sent
+        # as columns (see ship_batch).
+        self._rows_until_us = 0
 
     async def ship_batch(self) -> BatchResult | None:
         """Send one batch; None when the spool is empty. Raises :class:`ShipFailed`."""
@@ -106,8 +112,9 @@ class Shipper:
             if self._spool.has_retired_seqs else []
         )
         # The column form (each series of the batch once) unless the collector has
-        # shown it does not read it; a batch of several hosts can only go as rows.
-        columns = None if self._rows_only else to_columns(batch)
+        # shown lately that it does not read it; a batch of several hosts can only go
+        # as rows.
+        columns = None if self._clock_us() < self._rows_until_us else to_columns(batch)
         request = pb.PushRequest(
             records=[] if columns is not None else [to_proto(r) for r in batch],
             columns=columns,
@@ -134,9 +141,12 @@ class Shipper:
             await asyncio.to_thread(self._spool.forget_retired_seqs, [r[0] for r in retired])
         if columns is not None and not response.acks:
             # A collector older than the column form reads no record from it and answers
-            # none: from now on this agent sends rows, and the batch goes again as rows.
-            self._rows_only = True
-            log.warning("collector_reads_rows_only", records=len(batch))
+            # none: the batch goes again as rows, and so does every batch for an hour.
+            # Then columns are tried again, so an agent finds an upgraded collector
+            # without a restart, at the cost of one unanswered call an hour if not.
+            self._rows_until_us = self._clock_us() + ROWS_RETRY_US
+            log.warning("collector_reads_rows_only", records=len(batch),
+                        columns_again_in_s=ROWS_RETRY_US // 1_000_000)
         acked = [a.id for a in response.acks if a.outcome in (pb.ACCEPTED, pb.DUPLICATE)]
         rejected = [(a.id, a.reason) for a in response.acks if a.outcome == pb.REJECTED]
         if acked:

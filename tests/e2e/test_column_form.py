@@ -5,13 +5,14 @@ read the column form sends rows instead."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import grpc
 import pytest
 
-from agent.shipper import Shipper, ShipperSettings
+from agent.shipper import ROWS_RETRY_US, Shipper, ShipperSettings
 from agent.spool import Spool
 from common.proto import meterd_pb2 as pb
 from common.proto import meterd_pb2_grpc as pb_grpc
@@ -100,15 +101,17 @@ async def test_unreadable_columns_refuse_the_call_and_write_nothing(
 
 
 class RowsOnlyCollector(pb_grpc.IngestServicer):
-    """A collector from before the column form: it reads ``records`` alone."""
+    """A collector from before the column form: it reads ``records`` alone, until it is
+    ``upgraded``."""
 
     def __init__(self) -> None:
         self.requests: list[pb.PushRequest] = []
+        self.upgraded = False
 
     async def Push(self, request: pb.PushRequest, context: Ctx) -> pb.PushResponse:
         self.requests.append(request)
-        return pb.PushResponse(acks=[pb.RecordAck(id=m.id, outcome=pb.ACCEPTED)
-                                     for m in request.records])
+        ids = list(request.columns.ids) if self.upgraded else [m.id for m in request.records]
+        return pb.PushResponse(acks=[pb.RecordAck(id=i, outcome=pb.ACCEPTED) for i in ids])
 
 
 @pytest.fixture
@@ -142,3 +145,39 @@ async def test_an_agent_sends_rows_to_a_collector_that_reads_no_columns(
     assert servicer.requests[0].columns.ids == [m.id for m in servicer.requests[1].records]
     sent = [m.id for r in servicer.requests[1:] for m in r.records]
     assert sent == [r.id for r in records]
+
+
+async def test_an_agent_on_rows_tries_columns_again_after_an_hour(
+    rows_only: tuple[RowsOnlyCollector, str], pki_dir: Path, tmp_path: Path
+) -> None:
+    """Rows for an hour after the collector answered no column; then columns again: one
+    more unanswered call while the collector is old, and columns for good once it is
+    upgraded. No record is lost or sent twice but the unanswered batches."""
+    servicer, target = rows_only
+    records = samples("host-a", 50, seed=12)
+    spool = Spool(tmp_path / "spool.db")
+    now = [1_800_000_000_000_000]  # the shipper's clock, µs
+    ch = link(pki_dir, "host-a", target)
+
+    async def ship(count: int) -> None:
+        spool.append(records[:count])
+        del records[:count]
+        assert await asyncio.wait_for(shipper.drain(), 30) == count
+
+    try:
+        shipper = Shipper(spool, ch, ShipperSettings(batch_max_records=10), "test",
+                          clock_us=lambda: now[0])
+        await ship(10)  # columns unanswered, then rows
+        now[0] += ROWS_RETRY_US - 1
+        await ship(10)  # still rows
+        now[0] += 1
+        await ship(10)  # columns again: still unanswered, rows for another hour
+        now[0] += ROWS_RETRY_US
+        servicer.upgraded = True
+        await ship(20)  # columns, answered: columns from now on
+    finally:
+        await ch.close()
+    assert spool.stats().records == 0
+    spool.close()
+    forms = ["columns" if r.HasField("columns") else "rows" for r in servicer.requests]
+    assert forms == ["columns", "rows", "rows", "columns", "rows", "columns", "columns"]
