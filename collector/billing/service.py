@@ -185,6 +185,15 @@ class Released:
     held: int
 
 
+def _released(record_ids: Sequence[str], outcomes: Mapping[str, Outcome]) -> Released:
+    """What posting ``record_ids`` out of quarantine came to, by outcome."""
+    counts = {o: sum(1 for i in record_ids if outcomes.get(i) is o) for o in Outcome}
+    return Released(
+        tuple(record_ids), counts[Outcome.ACCEPTED], counts[Outcome.DUPLICATE],
+        counts[Outcome.HELD],
+    )
+
+
 def _invoice(stored: StoredInvoice) -> Invoice:
     return Invoice(stored, json.loads(stored.document))
 
@@ -421,11 +430,14 @@ class BillingService:
                     )
                     if await tx.save_draft(draft.stored):
                         drafts.append(draft)
-        if drafts:
-            await self.audit.record(
-                actor, "invoice.close", "invoices", None,
-                [_summary(d) for d in drafts],
-            )
+                        # Its audit row commits with the draft (collector.audit).
+                        await self.audit.stage(
+                            store, tx, actor, "invoice.close", f"invoice/{invoice_id}",
+                            _summary(_invoice(existing)) if existing else None,
+                            _summary(draft),
+                        )
+            if periods:
+                await self._relay_audit(store)
         return drafts
 
     # -- finalize ------------------------------------------------------------------------
@@ -787,19 +799,17 @@ class BillingService:
         for store, q in chosen:
             by_store.setdefault(id(store), (store, []))[1].append(q.record.id)
         for store, ids in by_store.values():
+            # Marked released with its audit row, in one transaction (collector.audit).
+            here = _released(ids, outcomes)
             async with store.transaction() as tx:
                 await tx.mark_released(ids, now_us, actor)
-        counts = {o: sum(1 for v in outcomes.values() if v is o) for o in Outcome}
-        released = Released(
-            tuple(q.record.id for _, q in chosen),
-            counts[Outcome.ACCEPTED], counts[Outcome.DUPLICATE], counts[Outcome.HELD],
-        )
-        await self.audit.record(
-            actor, "quarantine.release", f"records/{len(chosen)}", None,
-            {"records": list(released.record_ids), "accepted": released.accepted,
-             "duplicate": released.duplicate, "held": released.held},
-        )
-        return released
+                await self.audit.stage(
+                    store, tx, actor, "quarantine.release", f"records/{len(ids)}", None,
+                    {"records": list(here.record_ids), "accepted": here.accepted,
+                     "duplicate": here.duplicate, "held": here.held},
+                )
+            await self._relay_audit(store)
+        return _released([q.record.id for _, q in chosen], outcomes)
 
 
 def _billed(invoices: Sequence[StoredInvoice], origin: Period, price_id: str) -> Decimal:
