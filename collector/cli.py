@@ -100,9 +100,12 @@ def _verify(args: argparse.Namespace) -> int:
         for problem in report.problems:
             print(f"VIOLATION {problem}")
         status = "clean" if report.ok else f"{len(report.problems)} violation(s)"
+        waiting = (f" (and {report.audit_staged} waiting on their shards: appended at the"
+                   " next change there or the collector's start)"
+                   if report.audit_staged else "")
         print(f"ledger verify: {report.shards} shard(s), {report.accounts} account(s),"
               f" {report.entries} entries, {report.counters} running counters,"
-              f" {report.audit_rows} audit log rows: {status}")
+              f" {report.audit_rows} audit log rows{waiting}: {status}")
         return EXIT_OK if report.ok else EXIT_ERROR
 
     return asyncio.run(verify())

@@ -15,6 +15,7 @@ from collector.audit import AuditLog, verify_audit_log
 from collector.ledger.service import ShardedLedger
 from collector.ledger.sharding import ShardMap
 from collector.ledger.store import AuditRow, LedgerStore, StagedAudit
+from collector.ledger.verify import verify_ledger
 from common.errors import StoreUnavailable
 from tests.ledger.helpers import open_stores
 from tests.pg import Databases
@@ -165,7 +166,11 @@ async def test_a_relay_that_cannot_reach_the_log_leaves_the_rows_staged(
     monkeypatch.undo()
     assert await log_rows(pg_ledger) == []
     assert len(await staged(store)) == 1
+    report = await verify_ledger(list(pg_ledger.stores))  # told, not a violation
+    assert (report.ok, report.audit_rows, report.audit_staged) == (True, 0, 1)
     assert await audit.relay_all(pg_ledger.stores) == 1
+    report = await verify_ledger(list(pg_ledger.stores))
+    assert (report.ok, report.audit_rows, report.audit_staged) == (True, 1, 0)
     assert [r.target for r in await log_rows(pg_ledger)] == ["invoice/INV-7"]
 
 
