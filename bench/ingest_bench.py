@@ -176,7 +176,7 @@ def messages_of(payload: bytes) -> Sequence[pb.UsageRecord]:
 
 
 def collector_toml(workdir: Path, pki_dir: Path, dsns: Sequence[str],
-                   hosts: Sequence[Host]) -> Path:
+                   hosts: Sequence[Host], ledger: Sequence[str] = ()) -> Path:
     from collector.ledger.sharding import SLOTS
 
     (workdir / "tariff.toml").write_text(TARIFF)
@@ -188,6 +188,7 @@ def collector_toml(workdir: Path, pki_dir: Path, dsns: Sequence[str],
     assignments = "".join(
         f'[[assignments]]\nhost = "{h.host}"\naccount = "{h.account}"\n\n' for h in hosts
     )
+    settings = "".join(f"{setting}\n" for setting in ledger)
     path = workdir / "collector.toml"
     path.write_text(f"""\
 tariff = "tariff.toml"
@@ -204,7 +205,7 @@ listen = "127.0.0.1:0"
 listen = "127.0.0.1:0"
 
 [ledger]
-{"".join(shards)}
+{settings}{"".join(shards)}
 {accounts}{assignments}""")
     return path
 
@@ -512,7 +513,8 @@ async def with_collector(args: argparse.Namespace, workdir: Path, pki_dir: Path,
         for i in range(processes):
             folder = workdir if processes == 1 else workdir / f"collector-{i}"
             await asyncio.to_thread(folder.mkdir, parents=True)
-            procs.append(CollectorProcess(collector_toml(folder, pki_dir, dsns, hosts)))
+            procs.append(CollectorProcess(
+                collector_toml(folder, pki_dir, dsns, hosts, args.ledger)))
             procs[-1].start(timeout=60)
         clients = [open_client(pki_dir, h, procs[i % processes].target)
                    for i, h in enumerate(hosts)]
@@ -704,6 +706,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         " (default), or one message per record, as agents before it did")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
+    parser.add_argument("--ledger", action="append", default=[], metavar="SETTING",
+                        help="a line for the collector's [ledger] table, e.g."
+                             " ingest_transactions=2 (repeatable)")
     args = parser.parse_args(argv)
     return asyncio.run(run(args))
 

@@ -94,6 +94,16 @@ class LedgerConfig:
     shards: list[ShardConfig] = config.option(
         factory=list, help="PostgreSQL shards; empty means the embedded SQLite ledger"
     )
+    ingest_transactions: int = config.option(
+        4,
+        "transactions posting ingested records at once, per shard (at most its pool's 10"
+        " connections; SQLite: one). Calls that arrive while all are busy wait and then"
+        " share one transaction: its round trips and commit are paid once for them all",
+    )
+    ingest_group_records: int = config.option(
+        4000, "most records in one transaction that several calls share (a larger call goes"
+        " alone)",
+    )
 
 
 @dataclass(frozen=True)
@@ -336,6 +346,9 @@ def load_collector_config(path: Path) -> LoadedCollectorConfig:
     ):
         if getattr(raw.ingest, field_name) < 1:
             raise ConfigError(source, f"ingest.{field_name}", "must be at least 1")
+    for field_name in ("ingest_transactions", "ingest_group_records"):
+        if getattr(raw.ledger, field_name) < 1:
+            raise ConfigError(source, f"ledger.{field_name}", "must be at least 1")
     if raw.ingest.sequence_gap_grace_seconds < 0:
         raise ConfigError(source, "ingest.sequence_gap_grace_seconds", "must not be negative")
     denied = set()

@@ -93,7 +93,9 @@ async def open_ledger(cfg: LoadedCollectorConfig) -> ShardedLedger:
 def build_service(cfg: LoadedCollectorConfig, ledger: ShardedLedger) -> LedgerService:
     tariff = load_tariff(cfg.path(cfg.raw.tariff))
     return LedgerService(
-        ledger, Router(cfg.assignments), AccountPrices(tariff, cfg.terms), balance_thresholds(cfg)
+        ledger, Router(cfg.assignments), AccountPrices(tariff, cfg.terms), balance_thresholds(cfg),
+        group_records=cfg.raw.ledger.ingest_group_records,
+        group_transactions=cfg.raw.ledger.ingest_transactions,
     )
 
 

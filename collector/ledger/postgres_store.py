@@ -21,6 +21,7 @@ next counter read or the commit, whichever comes first.
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import operator
 import time
@@ -345,6 +346,27 @@ _LOCK_HEAD = "SELECT chain_seq, hash FROM chain_heads WHERE account_id = $1 FOR 
 _NEW_HEAD = "INSERT INTO chain_heads VALUES ($1, 0, $2) ON CONFLICT (account_id) DO NOTHING"
 # The sub-statements touch different tables, so their order within the statement does
 # not matter; all of them run to completion whether or not the UPDATE reads them.
+def _seq_upsert(first: int) -> str:
+    """The statement that adds the seqs of ingest calls to their host epochs' tracks,
+    one row per (host, epoch), its parameters numbered from ``first`` (see
+    :func:`_seq_args`), in (host, epoch) order so that concurrent transactions lock
+    the tracks in one order. It returns each track's host, epoch and whether this
+    created it."""
+    hosts, epochs, starts, ats, marks, los, his = (f"${first + i}" for i in range(7))
+    return (
+        "INSERT INTO seq_tracks AS t SELECT m.host, m.epoch, m.start,"
+        " (SELECT range_agg(int8range(r.lo, r.hi))"
+        f" FROM unnest({marks}::int[], {los}::bigint[], {his}::bigint[]) AS r(i, lo, hi)"
+        " WHERE r.i = m.i), m.at, m.at"
+        f" FROM unnest({hosts}::text[], {epochs}::text[], {starts}::bigint[], {ats}::bigint[])"
+        " WITH ORDINALITY AS m(host, epoch, start, at, i) ORDER BY m.host, m.epoch"
+        " ON CONFLICT (host_id, epoch) DO UPDATE SET seen = t.seen + EXCLUDED.seen,"
+        " start_seq = coalesce(t.start_seq, EXCLUDED.start_seq),"
+        " updated_us = EXCLUDED.updated_us"
+        " RETURNING t.host_id, t.epoch, t.xmax = 0 AS created"
+    )
+
+
 _APPEND_ENTRY = (
     "WITH journal_row AS (INSERT INTO journal VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)),"
     " posting_rows AS (INSERT INTO postings SELECT $1, p.i, $2, p.a, p.c, p.v"
@@ -360,8 +382,13 @@ _APPEND_ENTRY = (
     " DO UPDATE SET quantity = EXCLUDED.quantity, amount = EXCLUDED.amount),"
     " period_rows AS (INSERT INTO period_postings (entry_id, account_id, price_id, currency,"
     " period_start_us, origin_start_us, amount) SELECT * FROM unnest($19::text[], $20::text[],"
-    " $21::text[], $22::text[], $23::bigint[], $24::bigint[], $25::numeric[]))"
+    " $21::text[], $22::text[], $23::bigint[], $24::bigint[], $25::numeric[])),"
+    # The seqs that ingest calls account for, when they staged them (_PgTx.account_seqs);
+    # the statement returns the (host, epoch) of each track this created.
+    f" seq_rows AS ({_seq_upsert(26)})"
     " UPDATE chain_heads SET chain_seq = $3, hash = $9 WHERE account_id = $2"
+    " RETURNING (SELECT array_agg(ARRAY[s.host_id, s.epoch]) FROM seq_rows AS s"
+    " WHERE s.created)"
 )
 _LABELS_JSON = json.JSONEncoder(sort_keys=True)
 
@@ -420,6 +447,13 @@ _COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\
 def _copy_text(
     records: Sequence[UsageRecord], account_id: str, entry_id: str, received_us: int
 ) -> bytes:
+    """The records as rows of COPY's text format (:func:`_copy_rows`), in their order."""
+    return "".join(_copy_rows(records, account_id, entry_id, received_us)).encode()
+
+
+def _copy_rows(
+    records: Sequence[UsageRecord], account_id: str, entry_id: str, received_us: int
+) -> list[str]:
     """The records as rows of COPY's text format (the columns of :data:`_RECORD_COLUMNS`).
     Text, not binary: PostgreSQL parses a decimal's text as fast as its binary form, and
     the quantity's canonical text is usually at hand, while asyncpg encodes a Decimal to
@@ -428,20 +462,28 @@ def _copy_text(
     units come from restricted alphabets, and the rest are numbers."""
     head = f"\t{_copy_escape(account_id)}\t{entry_id}\t"
     tail = f"\t{received_us}\n"
-    return "".join([
+    return [
         f"{r.id}{head}{r.host_id}\t{r.metric}\t{r.unit}\t{r.quantity_text}\t{r.start_us}"
         f"\t{r.end_us}\t{r.seq}\t{_labels_texts(r.labels)[2]}{tail}"
         for r in records
-    ]).encode()
+    ]
 
 
 def _batch_copy_text(
     batch: SeriesBatch, account_id: str, entry_id: str, received_us: int
 ) -> bytes:
-    """:func:`_copy_text` of a batch in column form, the same bytes: the fields that
-    one series shares (host, metric, unit, labels) are put together once per series,
-    and the rows sorted as text, which sorts them by record id (every row starts with
-    its id, canonical UUID text, all of one length)."""
+    """:func:`_copy_text` of a batch in column form, the same bytes, its rows sorted by
+    record id (:func:`_batch_copy_rows`)."""
+    return "".join(_batch_copy_rows(batch, account_id, entry_id, received_us)).encode()
+
+
+def _batch_copy_rows(
+    batch: SeriesBatch, account_id: str, entry_id: str, received_us: int
+) -> list[str]:
+    """:func:`_copy_rows` of a batch in column form: the fields that one series shares
+    (host, metric, unit, labels) are put together once per series, and the rows sorted
+    as text, which sorts them by record id (every row starts with its id, canonical
+    UUID text, all of one length)."""
     head = f"\t{_copy_escape(account_id)}\t{entry_id}\t{batch.host_id}\t"
     heads = [
         f"{head}{metric}\t{unit}\t"
@@ -457,7 +499,7 @@ def _batch_copy_text(
         )
     ]
     rows.sort()
-    return "".join(rows).encode()
+    return rows
 
 
 _SCHEMA_LOCK = 0x6D65746572  # advisory lock id ("meter") serialising schema creation
@@ -746,6 +788,10 @@ class _PgBillingTx:
     _conn: asyncpg.Connection
     _periods: list[PeriodPosting]  # inserted, not yet written: see insert_period_postings
 
+    async def _copy_staged(self) -> None:
+        """Send the records staged by optimistic inserts (:class:`_PgTx`): what reads
+        records, or their sums, in the transaction sees them."""
+
     async def lock_account(self, account_id: str) -> None:
         conn = self._conn
         if await conn.fetchrow(_LOCK_HEAD, account_id) is None:
@@ -800,6 +846,7 @@ class _PgBillingTx:
     ) -> list[tuple[str, int, Decimal]]:
         if not metrics:
             return []
+        await self._copy_staged()
         rows = await self._conn.fetch(
             "SELECT metric, start_us, sum(quantity) FROM usage_sums WHERE account_id = $1"
             " AND metric = ANY($2::text[]) AND start_us >= $3 AND start_us < $4"
@@ -812,6 +859,7 @@ class _PgBillingTx:
         return [(r[0], r[1], r[2]) for r in rows]
 
     async def first_usage_us(self, account_id: str) -> int | None:
+        await self._copy_staged()
         value = await self._conn.fetchval(
             "SELECT min(start_us) FROM usage_sums WHERE account_id = $1", account_id
         )
@@ -861,6 +909,7 @@ class _PgBillingTx:
         return [_pg_credit_note(r) for r in rows]
 
     async def quarantine(self, rows: Sequence[QuarantinedRecord]) -> set[str]:
+        await self._copy_staged()
         ordered = sorted(rows, key=lambda q: q.record.id)
         new = await self._conn.fetch(
             "INSERT INTO quarantine (record_id, account_id, host_id, record, reason, received_us)"
@@ -898,6 +947,7 @@ class PostgresLedger(_PgBillingStore):
         self.dsn = dsn
         self.name = name
         self._pool = pool
+        self.concurrency = pool.get_max_size()
 
     @classmethod
     async def open(
@@ -1191,13 +1241,19 @@ class _PgTx(_PgBillingTx):
         self._periods = []
         # Chain heads locked and read by load_counters, each taken by the next entry.
         self._heads: dict[str, tuple[int, str]] = {}
+        self._seqs: list[SeqMarks] = []  # staged by account_seqs, not yet written
+        # Rows of optimistic inserts not yet sent, each run sorted by record id.
+        self._copy: list[list[str]] = []
 
     async def flush(self) -> None:
-        """Write the counters and period postings saved since the last write."""
+        """Write the records, counters, period postings and seqs staged since the last
+        write."""
+        await self._copy_staged()
         if self._counters:
             ordered, self._counters = self._counters, []
             await self._conn.execute(_SAVE_COUNTERS, *_counter_columns(ordered))
         await self._write_periods()
+        await self._write_seqs()
 
     async def insert_records(
         self,
@@ -1222,21 +1278,17 @@ class _PgTx(_PgBillingTx):
             return set()
         conn = self._conn
         if optimistic and len(records) >= COPY_MIN_RECORDS:
+            # Staged: sent with the transaction's next statement, in one COPY with the
+            # other account batches staged before it (see _copy_staged).
             if isinstance(records, SeriesBatch):
                 ids = records.ids
-                text = _batch_copy_text(records, account_id, entry_id, received_us)
+                self._copy.append(_batch_copy_rows(records, account_id, entry_id, received_us))
             else:
                 ordered = sorted(records, key=_record_id)
                 ids = [r.id for r in ordered]
-                text = _copy_text(ordered, account_id, entry_id, received_us)
-            try:
-                # A memoryview: asyncpg would take bytes for a file name.
-                await conn.copy_to_table(
-                    "records", source=memoryview(text), columns=_RECORD_COLUMNS, format="text"
-                )
-            except asyncpg.exceptions.UniqueViolationError as exc:
-                raise InsertConflict(exc.detail or str(exc)) from None
+                self._copy.append(_copy_rows(ordered, account_id, entry_id, received_us))
             return set(ids)
+        await self._copy_staged()
         ordered = sorted(records, key=_record_id)
         # One pass over the records, then one column per array parameter.
         columns = zip(
@@ -1249,7 +1301,26 @@ class _PgTx(_PgBillingTx):
         )
         return set(new)
 
+    async def _copy_staged(self) -> None:
+        """One COPY of the staged rows: the account batches in the order they were
+        staged (the ingest path stages them in account order), each sorted by record
+        id. Inserting without the COPY (``optimistic=False``) takes the same order, so
+        two transactions that insert some of the same ids take their index entries in
+        one order whichever way each goes. A stored id fails it: :class:`InsertConflict`."""
+        if not self._copy:
+            return
+        runs, self._copy = self._copy, []
+        text = "".join(itertools.chain.from_iterable(runs)).encode()
+        try:
+            # A memoryview: asyncpg would take bytes for a file name.
+            await self._conn.copy_to_table(
+                "records", source=memoryview(text), columns=_RECORD_COLUMNS, format="text"
+            )
+        except asyncpg.exceptions.UniqueViolationError as exc:
+            raise InsertConflict(exc.detail or str(exc)) from None
+
     async def hold(self, records: Sequence[UsageRecord], received_us: int) -> set[str]:
+        await self._copy_staged()
         ordered = sorted(records, key=lambda r: r.id)
         rows = await self._conn.fetch(
             "INSERT INTO held SELECT r.id, r.host, r.record, $1"
@@ -1308,7 +1379,8 @@ class _PgTx(_PgBillingTx):
         counters, self._counters = self._counters, []
         periods, self._periods = self._periods, []
         postings = entry.postings
-        await conn.execute(
+        marks, self._seqs = self._seqs, []
+        created = await conn.fetchval(
             _APPEND_ENTRY,
             entry.id, entry.account_id, seq, entry.kind, entry.memo, entry.created_us,
             entry.records_digest, prev, digest,
@@ -1318,18 +1390,25 @@ class _PgTx(_PgBillingTx):
             [p.amount for p in postings],
             *_counter_columns(counters),
             *_period_columns(periods),
+            *_seq_args(marks),
         )
+        _created(marks, {(host, epoch) for host, epoch in created or ()})
         return ChainLink(entry, seq, prev, digest)
 
     # --- sequences (collector.sequences) ------------------------------------------------
-    async def account_seqs(self, marks: SeqMarks) -> bool:
-        if not marks.ranges:
-            return False
-        created: bool = await self._conn.fetchval(
-            _ACCOUNT_SEQS, marks.host_id, marks.epoch, marks.start,
-            [lo for lo, _ in marks.ranges], [hi for _, hi in marks.ranges], marks.at_us,
-        )
-        return created
+    async def account_seqs(self, marks: SeqMarks) -> None:
+        """Staged: written by the transaction's next journal entry, in its statement (one
+        round trip fewer for every ingest call), or by :meth:`flush` before the commit.
+        The ingest path stages them just before its last entry, so the host's track is
+        still the last lock it takes (see ``LedgerService._post_shard_once``)."""
+        if marks.ranges:
+            self._seqs.append(marks)
+
+    async def _write_seqs(self) -> None:
+        marks, self._seqs = self._seqs, []
+        if marks:
+            rows = await self._conn.fetch(_ACCOUNT_SEQS, *_seq_args(marks))
+            _created(marks, {(r[0], r[1]) for r in rows if r[2]})
 
     async def claim_seq_check(self) -> bool:
         claimed: bool = await self._conn.fetchval(
@@ -1514,14 +1593,39 @@ CREATE TABLE IF NOT EXISTS seq_holes (
 _SEQ_CHECK_LOCK = 0x6D73657163  # advisory lock id ("mseqc"): one gap check per shard at a time
 # One statement per ingest call: the union of the call's ranges into the epoch's set
 # (created on first sight). RETURNING tells a new track (xmax 0) from an updated one.
-_ACCOUNT_SEQS = (
-    "INSERT INTO seq_tracks AS t SELECT $1, $2, $3,"
-    " (SELECT range_agg(int8range(r.lo, r.hi)) FROM unnest($4::bigint[], $5::bigint[])"
-    " AS r(lo, hi)), $6, $6"
-    " ON CONFLICT (host_id, epoch) DO UPDATE SET seen = t.seen + EXCLUDED.seen,"
-    " start_seq = coalesce(t.start_seq, EXCLUDED.start_seq), updated_us = EXCLUDED.updated_us"
-    " RETURNING t.xmax = 0"
-)
+_ACCOUNT_SEQS = _seq_upsert(1)
+
+
+def _seq_args(marks: Sequence[SeqMarks]) -> tuple[list[Any], ...]:
+    """:data:`_ACCOUNT_SEQS`'s parameters (and the entry statement's last seven): one
+    row per (host, epoch), the ranges of calls of one epoch together, the first start
+    given."""
+    tracks: dict[tuple[str, str], list[SeqMarks]] = {}
+    for m in marks:
+        tracks.setdefault((m.host_id, m.epoch), []).append(m)
+    columns: tuple[list[Any], ...] = ([], [], [], [], [], [], [])
+    hosts, epochs, starts, ats, owners, los, his = columns
+    for i, ((host, epoch), of) in enumerate(tracks.items(), 1):
+        hosts.append(host)
+        epochs.append(epoch)
+        starts.append(next((m.start for m in of if m.start is not None), None))
+        ats.append(max(m.at_us for m in of))
+        for m in of:
+            for lo, hi in m.ranges:
+                owners.append(i)
+                los.append(lo)
+                his.append(hi)
+    return columns
+
+
+def _created(marks: Sequence[SeqMarks], created: set[tuple[str, str]]) -> None:
+    """Tell the first call of each track that was created so (:attr:`SeqMarks.new_epoch`)."""
+    for m in marks:
+        key = (m.host_id, m.epoch)
+        m.new_epoch = key in created
+        created.discard(key)
+
+
 _CURRENT_SEQ_HOLES = (
     "SELECT t.host_id, t.epoch, lower(h), upper(h) FROM (SELECT host_id, epoch, seen,"
     " int8range(coalesce(start_seq, lower(seen)),"

@@ -19,6 +19,7 @@ after the release read the held rows cannot leave them held.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import enum
 from collections import defaultdict
@@ -34,6 +35,7 @@ from collector.ledger.sharding import ShardMap
 from collector.ledger.store import InsertConflict, LedgerStore, LedgerTx, SeqMarks
 from collector.ledger.thresholds import BalanceThresholds, crossing_events
 from collector.routing import Router
+from common.errors import StoreUnavailable
 from common.ids import new_id
 from common.money import CONTEXT
 from common.records import SeriesBatch, UsageRecord
@@ -77,6 +79,78 @@ class ShardedLedger:
             await store.close()
 
 
+# Posting calls' records, per shard (see _ShardQueue): at most this many transactions
+# at once, and at most this many records in a transaction that several calls share (a
+# larger call goes alone). The collector's [ledger] ingest_transactions and
+# ingest_group_records; docs/benchmarks.md has the measurements behind them.
+GROUP_TRANSACTIONS = 4
+GROUP_RECORDS = 4000
+
+
+@dataclass(eq=False)
+class _Part:
+    """One call's records for one shard: its account batches (of distinct accounts),
+    the records it holds, when it was received and the seqs it accounts for."""
+
+    accounts: Mapping[str, Sequence[UsageRecord]]
+    held: list[UsageRecord]
+    now_us: int
+    marks: SeqMarks | None
+    done: asyncio.Future[dict[str, Outcome]] | None = None
+
+    @property
+    def records(self) -> int:
+        return sum(map(len, self.accounts.values()))
+
+
+class _ShardQueue:
+    """Calls waiting for a transaction on one shard. At most ``limit`` transactions of
+    the queue run at once (``ingest_transactions``, at most the store's connections);
+    a call that finds one free goes at once, alone. Calls that arrive while all are
+    busy wait, and the next free one takes as many of them as fit in one transaction:
+    up to a number of records, no two with an account in common, none of an account
+    that a running transaction of the queue holds. Under load, one transaction's fixed
+    costs (its round trips, its commit) are shared by several calls; each call is
+    still answered only after the transaction that holds its records committed."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.runners = 0
+        self.pending: collections.deque[_Part] = collections.deque()
+        self.busy: set[str] = set()  # accounts of the groups being posted
+
+    def take(self, max_records: int) -> list[_Part]:
+        """The next group, in arrival order: the first waiting call, and each later one
+        that fits, skipping calls of an account that a group being posted holds (they
+        would only wait for its locks, and hold up everything locked before). Calls
+        whose callers gave up are dropped. The group's accounts are busy until
+        :meth:`done`."""
+        group: list[_Part] = []
+        busy = self.busy
+        size = 0
+        left: collections.deque[_Part] = collections.deque()
+        while self.pending:
+            part = self.pending.popleft()
+            if part.done is not None and part.done.done():
+                continue
+            records = part.records
+            if (group and size + records > max_records) or not busy.isdisjoint(part.accounts):
+                left.append(part)
+                if size >= max_records:
+                    break
+                continue
+            group.append(part)
+            busy.update(part.accounts)
+            size += records
+        left.extend(self.pending)
+        self.pending = left
+        return group
+
+    def done(self, group: list[_Part]) -> None:
+        for part in group:
+            self.busy.difference_update(part.accounts)
+
+
 class LedgerService:
     def __init__(
         self,
@@ -84,6 +158,8 @@ class LedgerService:
         router: Router,
         prices: PriceSource,
         thresholds: Mapping[str, BalanceThresholds] | None = None,
+        group_records: int = GROUP_RECORDS,
+        group_transactions: int = GROUP_TRANSACTIONS,
     ) -> None:
         self.ledger = ledger
         self.router = router
@@ -92,6 +168,10 @@ class LedgerService:
         self._busy = 0  # posts in flight, see busy()
         self._idle = asyncio.Event()
         self._idle.set()
+        self.group_records = group_records
+        self.group_transactions = group_transactions
+        self._queues: dict[int, _ShardQueue] = {}  # by shard: calls waiting to be posted
+        self._runners: set[asyncio.Task[None]] = set()
 
     @contextlib.asynccontextmanager
     async def busy(self) -> AsyncIterator[None]:
@@ -171,15 +251,15 @@ class LedgerService:
                 shards, along = [home], home
         results = await asyncio.gather(
             *(
-                self._post_shard(
-                    s, by_store.get(s, {}), held.get(s, []), now_us, marks if s == along else None
-                )
+                self._post_part(s, _Part(
+                    by_store.get(s, {}), held.get(s, []), now_us, marks if s == along else None
+                ))
                 for s in shards
             )
         )
         if marks is not None and marks.ranges and along < 0:
             async with self.ledger.for_host(marks.host_id).transaction() as tx:
-                marks.new_epoch = await tx.account_seqs(marks)
+                await tx.account_seqs(marks)
         outcomes: dict[str, Outcome] = {}
         for part in results:
             outcomes.update(part)
@@ -202,41 +282,104 @@ class LedgerService:
         (account,) = accounts
         return account
 
-    async def _post_shard(
-        self,
-        shard: int,
-        accounts: Mapping[str, Sequence[UsageRecord]],
-        held: list[UsageRecord],
-        now_us: int,
-        marks: SeqMarks | None = None,
-    ) -> dict[str, Outcome]:
-        """One transaction on the shard, inserting the records on the expectation that
-        all of them are new; when one is not (a resend, or another collector posting the
-        same records), that transaction is lost whole and runs again, each record
-        inserted unless stored."""
+    async def _post_part(self, shard: int, part: _Part) -> dict[str, Outcome]:
+        """Post one call's records of one shard: in a transaction of its own when it
+        holds records, otherwise in the next group of calls to the shard
+        (:class:`_ShardQueue`)."""
+        if part.held:
+            [outcomes] = await self._post_shard(shard, [part])
+            return outcomes
+        queue = self._queues.get(shard)
+        if queue is None:
+            store = self.ledger.stores[shard]
+            queue = self._queues[shard] = _ShardQueue(
+                max(1, min(self.group_transactions, store.concurrency))
+            )
+        part.done = asyncio.get_running_loop().create_future()
+        queue.pending.append(part)
+        if queue.runners < queue.limit:
+            queue.runners += 1
+            runner = asyncio.create_task(self._run_queue(shard, queue))
+            self._runners.add(runner)
+            runner.add_done_callback(self._runners.discard)
+        return await part.done
+
+    async def _run_queue(self, shard: int, queue: _ShardQueue) -> None:
+        """Post groups of the queue's calls until none waits."""
         try:
-            return await self._post_shard_once(shard, accounts, held, now_us, marks, True)
+            while group := queue.take(self.group_records):
+                try:
+                    await self._post_group(shard, group)
+                finally:
+                    queue.done(group)
+        finally:
+            queue.runners -= 1
+
+    async def _post_group(self, shard: int, group: list[_Part]) -> None:
+        """One transaction for the group; each call gets its outcomes or the failure.
+        A failure that is not the store's (a call the ledger refuses) fails no other
+        call: each call of the group is then posted on its own."""
+        results: list[dict[str, Outcome] | Exception]
+        try:
+            results = list(await self._post_shard(shard, group))
+        except StoreUnavailable as exc:
+            results = [exc] * len(group)
+        except Exception as exc:  # noqa: BLE001 - handed to the calls, which raise it
+            if len(group) == 1:
+                results = [exc]
+            else:
+                results = []
+                for part in group:
+                    try:
+                        [outcomes] = await self._post_shard(shard, [part])
+                        results.append(outcomes)
+                    except Exception as alone:  # noqa: BLE001 - handed to its call
+                        results.append(alone)
+        except BaseException:
+            for part in group:
+                if part.done is not None and not part.done.done():
+                    part.done.cancel()
+            raise
+        for part, result in zip(group, results, strict=True):
+            if part.done is None or part.done.done():
+                continue  # its caller gave up (the agent resends; the ledger answers)
+            if isinstance(result, Exception):
+                part.done.set_exception(result)
+            else:
+                part.done.set_result(result)
+
+    async def _post_shard(self, shard: int, parts: list[_Part]) -> list[dict[str, Outcome]]:
+        """One transaction on the shard for ``parts``, inserting the records on the
+        expectation that all of them are new; when one is not (a resend, or another
+        collector posting the same records), that transaction is lost whole and runs
+        again, each record inserted unless stored."""
+        try:
+            return await self._post_shard_once(shard, parts, True)
         except InsertConflict:
-            return await self._post_shard_once(shard, accounts, held, now_us, marks, False)
+            return await self._post_shard_once(shard, parts, False)
 
     async def _post_shard_once(
-        self,
-        shard: int,
-        accounts: Mapping[str, Sequence[UsageRecord]],
-        held: list[UsageRecord],
-        now_us: int,
-        marks: SeqMarks | None,
-        optimistic: bool,
-    ) -> dict[str, Outcome]:
+        self, shard: int, parts: list[_Part], optimistic: bool
+    ) -> list[dict[str, Outcome]]:
+        """Every account batch of ``parts`` (no two with one account) is inserted
+        first, then rated and posted as one journal entry, in account order: each
+        account's counters, then its chain head, are locked in that order by every
+        transaction. Held records (a lone call's) come next, and the calls' seqs last."""
         store = self.ledger.stores[shard]
-        outcomes: dict[str, Outcome] = {}
+        results: list[dict[str, Outcome]] = [{} for _ in parts]
+        held = parts[0].held if len(parts) == 1 else []
+        marks = [p.marks for p in parts if p.marks is not None]
+        units = sorted((account_id, i) for i, p in enumerate(parts) for account_id in p.accounts)
         async with store.transaction() as tx:
-            for account_id in sorted(accounts):
-                batch = accounts[account_id]
+            posted: list[tuple[str, str, _Part, Sequence[UsageRecord]]] = []
+            for account_id, i in units:
+                part = parts[i]
+                batch = part.accounts[account_id]
                 entry_id = new_id()
                 new_ids = await tx.insert_records(
-                    account_id, entry_id, batch, now_us, optimistic
+                    account_id, entry_id, batch, part.now_us, optimistic
                 )
+                outcomes = results[i]
                 if len(new_ids) == len(batch):  # the common case: all of them are new
                     new = batch
                     outcomes.update(dict.fromkeys(new_ids, Outcome.ACCEPTED))
@@ -246,8 +389,10 @@ class LedgerService:
                         outcomes[r.id] = (
                             Outcome.ACCEPTED if r.id in new_ids else Outcome.DUPLICATE
                         )
-                if not new:
-                    continue
+                if new:
+                    posted.append((account_id, entry_id, part, new))
+            for n, (account_id, entry_id, part, new) in enumerate(posted, 1):
+                now_us = part.now_us
                 priced = price_usage(account_id, new, self.prices)
                 keys = priced.keys
                 counters = await tx.load_counters(sorted(keys))
@@ -268,15 +413,24 @@ class LedgerService:
                     before=counters, after=rated.counters, records=new, now_us=now_us,
                 )
                 # --- end billing ---------------------------------------------------------
+                if marks and not held and n == len(posted):
+                    # With the last entry (PostgreSQL: in its statement, no round trip
+                    # of their own). Only when nothing is held: the hosts' seq tracks
+                    # are the last thing a transaction locks, after every chain head and
+                    # held record, so two collectors posting one host's records never
+                    # wait on each other in a cycle.
+                    for m in marks:
+                        await tx.account_seqs(m)
+                    marks = []
                 await tx.append_entry(rated.entry)
                 await self._emit_threshold_crossings(tx, rated.entry)
             if held:
-                new_held = await tx.hold(held, now_us)
+                new_held = await tx.hold(held, parts[0].now_us)
                 for r in held:
-                    outcomes[r.id] = Outcome.HELD if r.id in new_held else Outcome.DUPLICATE
-            if marks is not None:
-                marks.new_epoch = await tx.account_seqs(marks)
-        return outcomes
+                    results[0][r.id] = Outcome.HELD if r.id in new_held else Outcome.DUPLICATE
+            for m in marks:
+                await tx.account_seqs(m)
+        return results
 
     # --- outbox: balance.threshold_crossed -------------------------------------------------
     async def append_entry(self, tx: LedgerTx, entry: JournalEntry) -> ChainLink:

@@ -618,6 +618,8 @@ class _SqliteBillingTx:
 class SqliteLedger(_SqliteBillingStore):
     """The ledger in one SQLite file (one shard)."""
 
+    concurrency = 1  # one writer at a time: BEGIN IMMEDIATE takes the file's lock
+
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         self.name = f"sqlite:{self.path}"
@@ -1080,9 +1082,11 @@ class _SqliteTx(_SqliteBillingTx):
         return await self._store._run(append)
 
     # --- sequences (collector.sequences) ------------------------------------------------
-    async def account_seqs(self, marks: SeqMarks) -> bool:
-        if not marks.ranges:
-            return False
+    async def account_seqs(self, marks: SeqMarks) -> None:
+        if marks.ranges:
+            marks.new_epoch = await self._account_seqs(marks)
+
+    async def _account_seqs(self, marks: SeqMarks) -> bool:
 
         def account() -> bool:
             conn = self._store.conn

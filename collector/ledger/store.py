@@ -73,7 +73,9 @@ class LedgerTx(Protocol):
 
         ``optimistic``: the caller expects every record to be new (every batch but a
         resend), and a store may take a faster way that fails the whole transaction with
-        :class:`InsertConflict` when one is not."""
+        :class:`InsertConflict` when one is not, then or at its next statement (so that
+        the records of several account batches go in together: PostgreSQL sends them as
+        one ``COPY`` with the next statement)."""
 
     async def hold(self, records: Sequence[UsageRecord], received_us: int) -> set[str]:
         """Keep records of an unassigned host until it is assigned; return the new ids."""
@@ -90,9 +92,12 @@ class LedgerTx(Protocol):
         """Chain the entry after its account's head, store it and update balances."""
 
     # --- sequences (collector.sequences) ------------------------------------------------
-    async def account_seqs(self, marks: SeqMarks) -> bool:
-        """Add ``marks.ranges`` to the seqs accounted for of the host's epoch, with one
-        statement; True when this created the epoch's track."""
+    async def account_seqs(self, marks: SeqMarks) -> None:
+        """Add ``marks.ranges`` to the seqs accounted for of the host's epoch, in this
+        transaction, and set ``marks.new_epoch`` once they are written: True when that
+        created the epoch's track. A store may write them with the next journal entry of
+        the transaction (PostgreSQL: no statement of their own), and writes them before
+        it commits at the latest; so the caller asks after the transaction."""
 
     async def claim_seq_check(self) -> bool:
         """Take this shard's gap-check lock until the transaction ends; False when
@@ -227,6 +232,9 @@ class LedgerTx(Protocol):
 
 class LedgerStore(Protocol):
     name: str
+    # How many transactions of the store can do work at once (PostgreSQL: its pool's
+    # connections; SQLite: one, its file's write lock).
+    concurrency: int
 
     def transaction(self) -> AbstractAsyncContextManager[LedgerTx]: ...
 

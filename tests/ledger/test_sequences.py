@@ -12,6 +12,7 @@ import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import asyncpg
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -28,6 +29,7 @@ from collector.sequences import (
     seq_marks,
     watermark,
 )
+from common.records import UsageRecord
 from tests.ledger.helpers import T0, open_stores, record, router, service
 from tests.pg import Databases
 
@@ -232,3 +234,132 @@ async def test_the_largest_seqs_are_stored_and_tracked_up_to_what_a_range_can_ho
     assert set(outcomes.values()) == {Outcome.ACCEPTED}
     [c] = await Sequences(svc.ledger, GRACE_S).hosts()
     assert c.highest == top - 1
+
+
+# A host whose VMs belong to two customers, and a third VM nobody holds yet: one batch of
+# it posts two journal entries and holds records.
+VMS = router(Assignment("host-v", "acme", cgroup="vm1"), Assignment("host-v", "globex",
+                                                                     cgroup="vm2"))
+
+
+def vm_records(seqs: list[int], *vms: str) -> list[UsageRecord]:
+    return [record("host-v", quantity="1000", seq=s, cgroup=vms[s % len(vms)]) for s in seqs]
+
+
+@pytest.mark.parametrize("stores", ["sqlite", "pg"], indirect=True)
+async def test_an_epoch_is_new_once_whichever_statement_writes_its_seqs(
+    stores: list[LedgerStore],
+) -> None:
+    """PostgreSQL writes an ingest call's seqs with its last journal entry, or on their
+    own when it holds records or posts no entry: each way, every seq is tracked and the
+    epoch's first call, only, is told it began an epoch."""
+    svc = service(stores, VMS)
+
+    async def call(epoch: str, records: list[UsageRecord]) -> tuple[set[Outcome], bool]:
+        marks = seq_marks("host-v", epoch, 0, [r.seq for r in records], [], T0)
+        outcomes = await svc.post(records, T0, marks)
+        return set(outcomes.values()), marks.new_epoch
+
+    two_accounts = vm_records([0, 1, 2, 3], "vm1", "vm2")
+    assert await call("entries", two_accounts) == ({Outcome.ACCEPTED}, True)
+    assert await call("entries", vm_records([4, 5], "vm1", "vm2")) == ({Outcome.ACCEPTED}, False)
+    with_held = vm_records([0, 1, 2], "vm1", "vm2", "vm3")
+    assert await call("held", with_held) == ({Outcome.ACCEPTED, Outcome.HELD}, True)
+    assert await call("held", vm_records([3], "vm3")) == ({Outcome.HELD}, False)
+    # Only records already posted: no entry, the seqs written on their own.
+    assert await call("resent", two_accounts) == ({Outcome.DUPLICATE}, True)
+    assert await call("resent", two_accounts[:1]) == ({Outcome.DUPLICATE}, False)
+    views = {v.epoch: v for v in await Sequences(svc.ledger, 0).hosts("host-v")}
+    assert {e: (v.watermark, v.missing) for e, v in views.items()} == {
+        "entries": (6, 0), "held": (4, 0), "resent": (4, 0),
+    }
+
+
+async def test_two_collectors_posting_one_hosts_entries_and_held_records_never_deadlock(
+    pg_databases: Databases,
+) -> None:
+    """One host's calls through two collectors on one shard at once, as when an agent
+    resends: every call through both, and beside each call that holds records another
+    with only those. Calls post entries of one or two accounts, some hold records.
+    PostgreSQL finds no deadlock (the seq track is every transaction's last lock),
+    every seq is tracked and every record is posted or held once."""
+    dsn = await pg_databases.create()
+    first = await PostgresLedger.open(dsn, name="c1")
+    second = await PostgresLedger.open(dsn, name="c2")
+    kinds = [("vm1", "vm2", "vm3"), ("vm2", "vm3"), ("vm2", "vm1"), ("vm3",)]
+    try:
+        one, two = service([first], VMS), service([second], VMS)
+
+        async def call(svc: LedgerService, records: list[UsageRecord]) -> None:
+            marks = seq_marks("host-v", "e", 0, [r.seq for r in records], [], T0)
+            await svc.post(records, T0, marks)
+
+        calls = []
+        for n in range(24):
+            records = vm_records(list(range(n * 6, n * 6 + 6)), *kinds[n % len(kinds)])
+            held = [r for r in records if r.labels["cgroup"] == "vm3"]
+            calls += [call(one, records), call(two, records)]
+            if held and len(held) < len(records):
+                calls.append(call(one if n % 2 else two, held))
+        await asyncio.gather(*calls)
+        [view] = await Sequences(one.ledger, 0).hosts("host-v")
+        assert (view.watermark, view.missing) == (144, 0)
+        held_ids = {r.id for r in await first.held("host-v")}
+        assert len(held_ids) == sum(
+            sum(1 for s in range(6) if kinds[n % 4][s % len(kinds[n % 4])] == "vm3")
+            for n in range(24)
+        )
+        totals = {u.metric: u.records for u in await first.usage("acme")}
+        totals_globex = {u.metric: u.records for u in await first.usage("globex")}
+        assert totals["net.tx_bytes"] + totals_globex["net.tx_bytes"] + len(held_ids) == 144
+    finally:
+        await first.close()
+        await second.close()
+
+
+async def test_a_call_that_holds_records_locks_its_hosts_seqs_after_them(
+    pg_databases: Databases,
+) -> None:
+    """A call that posts entries and holds a record, while another collector holds that
+    record in a transaction that goes on to write the host's seqs: the call waits for
+    the record without the host's seq track (written after the held records), so both
+    commit and PostgreSQL finds no deadlock."""
+    dsn = await pg_databases.create()
+    first = await PostgresLedger.open(dsn, name="c1")
+    second = await PostgresLedger.open(dsn, name="c2")
+    probe = await asyncpg.connect(dsn)
+    try:
+        svc = service([first], VMS)
+        records = vm_records([0, 1, 2], "vm1", "vm2", "vm3")  # acme's, globex's, held
+        unassigned = records[2]
+        held, release = asyncio.Event(), asyncio.Event()
+
+        async def other_collector() -> None:
+            async with second.transaction() as tx:
+                await tx.hold([unassigned], T0)
+                held.set()
+                await release.wait()
+                await tx.account_seqs(seq_marks("host-v", "e", 0, [2], [], T0))
+
+        other = asyncio.create_task(other_collector())
+        await asyncio.wait_for(held.wait(), 10)
+        marks = seq_marks("host-v", "e", 0, [0, 1, 2], [], T0)
+        posting = asyncio.create_task(svc.post(records, T0, marks))
+        for _ in range(250):  # the call now waits for the other's held record
+            waiting = await probe.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                " AND query LIKE '%INSERT INTO held%' AND pid <> pg_backend_pid()"
+            )
+            if waiting:
+                break
+            await asyncio.sleep(0.02)
+        assert waiting == 1
+        release.set()
+        await asyncio.wait_for(asyncio.gather(other, posting), 10)
+        assert posting.result()[unassigned.id] is Outcome.DUPLICATE
+        [view] = await Sequences(svc.ledger, 0).hosts("host-v")
+        assert (view.watermark, view.missing) == (3, 0)
+    finally:
+        await probe.close()
+        await first.close()
+        await second.close()
