@@ -78,6 +78,7 @@ from collector.ledger.store import (
     invoice_query_filter,
     record_from_json,
     record_to_json,
+    series_held,
 )
 from collector.ledger.timing import timed_transaction
 from common.errors import IntegrityError, StoreUnavailable
@@ -647,10 +648,11 @@ _UPSERT_INVOICE = (
     " quote_request = EXCLUDED.quote_request"
     " WHERE invoices.status = 'draft'"
 )
-_NEXT_NUMBER = (
-    "INSERT INTO number_series VALUES ($1, $2, 1) ON CONFLICT (kind)"
-    " DO UPDATE SET last = number_series.last + 1 RETURNING series, last"
-)
+# A series is created at 0 and counted up in the same transaction. The insert names no
+# conflict target so that it waits on either unique key: with ``ON CONFLICT (kind)``,
+# two first numbers of one series at once could collide on ``series`` and fail.
+_NEXT_NUMBER = "UPDATE number_series SET last = last + 1 WHERE kind = $1 RETURNING series, last"
+_NEW_SERIES = "INSERT INTO number_series VALUES ($1, $2, 0) ON CONFLICT DO NOTHING"
 
 
 def _pg_invoice(row: Sequence[Any]) -> StoredInvoice:
@@ -888,8 +890,15 @@ class _PgBillingTx:
             )
 
     async def next_number(self, kind: str, series: str) -> tuple[str, int]:
-        row = await self._conn.fetchrow(_NEXT_NUMBER, kind, series)
-        assert row is not None
+        row = await self._conn.fetchrow(_NEXT_NUMBER, kind)
+        if row is None:
+            await self._conn.execute(_NEW_SERIES, kind, series)
+            row = await self._conn.fetchrow(_NEXT_NUMBER, kind)
+        if row is None:
+            holder = await self._conn.fetchval(
+                "SELECT kind FROM number_series WHERE series = $1", series
+            )
+            raise series_held(series, kind, str(holder))
         return str(row[0]), int(row[1])
 
     async def insert_credit_note(self, note: StoredCreditNote) -> None:

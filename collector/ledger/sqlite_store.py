@@ -73,6 +73,7 @@ from collector.ledger.store import (
     record_from_json,
     record_to_json,
     seq_holes_of,
+    series_held,
 )
 from collector.ledger.timing import timed_transaction
 from common.errors import IntegrityError, StoreUnavailable
@@ -551,6 +552,11 @@ class _SqliteBillingTx:
                 "SELECT series, last FROM number_series WHERE kind = ?", (kind,)
             ).fetchone()
             if row is None:
+                holder = conn.execute(
+                    "SELECT kind FROM number_series WHERE series = ?", (series,)
+                ).fetchone()
+                if holder is not None:
+                    raise series_held(series, kind, str(holder[0]))
                 conn.execute("INSERT INTO number_series VALUES (?, ?, 1)", (kind, series))
                 return series, 1
             conn.execute("UPDATE number_series SET last = last + 1 WHERE kind = ?", (kind,))

@@ -19,6 +19,7 @@ from decimal import Decimal
 from typing import Any, Protocol
 
 from collector.ledger.journal import ChainLink, JournalEntry, Posting, records_digest
+from common.errors import IntegrityError
 from common.money import canonical_text
 from common.records import UsageRecord
 
@@ -394,6 +395,14 @@ ORPHAN_RECORDS_SQL = (
     "SELECT r.record_id FROM records r LEFT JOIN journal j ON j.entry_id = r.entry_id"
     " WHERE j.entry_id IS NULL"
 )
+
+
+def series_held(series: str, kind: str, holder: str) -> IntegrityError:
+    """The error for a new number series whose name another kind of number holds."""
+    return IntegrityError(
+        f"number series {series!r} for {kind} numbers is already held by {holder} numbers:"
+        " numbers would repeat"
+    )
 
 
 def describe_sum_mismatch(

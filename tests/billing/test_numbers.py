@@ -13,10 +13,14 @@ import asyncio
 from pathlib import Path
 
 import asyncpg
+import pytest
 
 from collector.billing.service import Finalized
-from collector.ledger.store import InvoiceQuery
+from collector.ledger.postgres_store import PostgresLedger
+from collector.ledger.sqlite_store import SqliteLedger
+from collector.ledger.store import InvoiceQuery, LedgerStore
 from collector.ledger.verify import verify_ledger
+from common.errors import IntegrityError
 from tests.billing.conftest import World, open_world
 from tests.billing.scenario import PRICEBOOK, at
 from tests.pg import Databases
@@ -88,3 +92,47 @@ async def test_invoice_numbers_have_no_gaps_under_concurrent_finalization(
     finally:
         await one.ledger.close()
         await two.ledger.close()
+
+
+async def test_the_first_numbers_of_new_series_taken_at_once_all_succeed(
+    pg_databases: Databases,
+) -> None:
+    """Four transactions over two pools take the first numbers of a new series at once.
+
+    Each series is new, so all four try to create it: one does, the others count on in
+    its row, and none fails on the series name that they all insert.
+    """
+    dsn = await pg_databases.create()
+    stores = [await PostgresLedger.open(dsn, name="a"), await PostgresLedger.open(dsn, name="b")]
+    try:
+        async def take(store: LedgerStore, kind: str) -> tuple[str, int]:
+            async with store.transaction() as tx:
+                return await tx.next_number(kind, f"S-{kind}")
+
+        for n in range(200):
+            kind = f"kind{n}"
+            taken = await asyncio.gather(*(take(s, kind) for s in stores * 2))
+            assert sorted(taken) == [(f"S-{kind}", k) for k in (1, 2, 3, 4)]
+    finally:
+        for store in stores:
+            await store.close()
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "pg"])
+async def test_a_series_name_held_by_another_kind_of_number_is_refused(
+    kind: str, tmp_path: Path, pg_databases: Databases
+) -> None:
+    store: LedgerStore = (await SqliteLedger.open(tmp_path / "ledger.db") if kind == "sqlite"
+                          else await PostgresLedger.open(await pg_databases.create()))
+    try:
+        async with store.transaction() as tx:
+            assert await tx.next_number("invoice", "X-0") == ("X-0", 1)
+        with pytest.raises(IntegrityError, match="'X-0' for credit_note numbers is already"
+                                                 " held by invoice numbers"):
+            async with store.transaction() as tx:
+                await tx.next_number("credit_note", "X-0")
+        assert await store.number_series() == {"invoice": "X-0"}
+        async with store.transaction() as tx:
+            assert await tx.next_number("invoice", "X-0") == ("X-0", 2)
+    finally:
+        await store.close()
