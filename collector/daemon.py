@@ -174,6 +174,7 @@ async def _serve(
     metrics.outbox_probe = outbox_probe(ledger, to_us_now)
     for store in ledger.stores:
         observe_transactions(store, metrics.observe_transaction)
+    state.service.observe_calls = metrics.observe_calls
     api_tls = _api_tls(cfg)
     try:
         await fleet.load(ledger.control)
@@ -294,12 +295,18 @@ async def _serve(
     return 0
 
 
+def _storage(cfg: LoadedCollectorConfig) -> tuple[object, ...]:
+    """Where the ledger is: what a reload cannot change."""
+    return (cfg.raw.ledger.sqlite_path, cfg.raw.ledger.shards)
+
+
 def _reload(state: Running, ledger: ShardedLedger) -> None:
     try:
         cfg = load_collector_config(state.config.source)
-        if cfg.raw.ledger != state.config.raw.ledger:
+        if _storage(cfg) != _storage(state.config):
             log.warning("reload_ledger_ignored", reason="ledger storage changes need a restart")
-        service = build_service(cfg, ledger)
+        service = build_service(cfg, ledger)  # with the new ingest_* settings of [ledger]
+        service.observe_calls = state.service.observe_calls
         billing = build_billing(cfg, service)
     except MeterdError as exc:
         log.error("reload_refused", error=str(exc))

@@ -60,6 +60,8 @@ log = logs.get("collector.metrics")
 LATENCY_BUCKETS = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 )
+# Calls per posting transaction: 1 is a call posted alone.
+CALLS_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
 
 # Reject reasons, found in the reason text the collector sends with each rejected
 # record (the first match wins); anything else is ``invalid``.
@@ -152,6 +154,12 @@ class Metrics:
             "meterd_ledger_transaction_seconds", "Ledger units of work by shard and outcome",
             ["shard", "outcome"], buckets=LATENCY_BUCKETS, registry=self.registry,
         )
+        self.transaction_calls = Histogram(
+            "meterd_ingest_transaction_calls",
+            "Ingest calls posted by each committed posting transaction, by shard (more than"
+            " one when calls waited for one of the shard's [ledger] ingest_transactions)",
+            ["shard"], buckets=CALLS_BUCKETS, registry=self.registry,
+        )
         for outcome in ("accepted", "duplicate", "rejected"):
             for source in ("grpc", "cloudevents"):
                 self.records.labels(source, outcome)
@@ -169,6 +177,9 @@ class Metrics:
     def count_rejects(self, source: str, reasons: Iterable[str]) -> None:
         for reason in reasons:
             self.rejects.labels(source, reason).inc()
+
+    def observe_calls(self, shard: str, calls: int) -> None:
+        self.transaction_calls.labels(shard).observe(calls)
 
     def observe_transaction(self, shard: str, seconds: float, committed: bool) -> None:
         self.transactions.labels(shard, "commit" if committed else "rollback").observe(seconds)

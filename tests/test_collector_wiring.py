@@ -67,6 +67,38 @@ def test_a_reload_with_such_billing_settings_is_refused(tmp_path: Path, pki_dir:
     assert collector.proc.returncode == 0
 
 
+def logged(collector: CollectorProcess, event: str, times: int) -> list[dict[str, Any]]:
+    """The collector's log lines of ``event``, once there are ``times`` of them."""
+    deadline = time.monotonic() + 30  # only keeps a broken run from hanging
+    while True:
+        lines = [json.loads(line) for line in collector.log.read_text().splitlines()
+                 if f'"{event}"' in line]
+        if len(lines) >= times:
+            return lines
+        assert time.monotonic() < deadline, collector.log.read_text()[-2000:]
+        time.sleep(0.05)
+
+
+def test_a_reload_takes_new_ingest_settings_and_warns_of_storage_changes(
+    tmp_path: Path, pki_dir: Path
+) -> None:
+    config = collector_config(tmp_path, pki_dir)
+    text = config.read_text()
+    with CollectorProcess(config) as collector:
+        assert collector.proc is not None
+        config.write_text(text.replace('sqlite_path = "ledger.db"',
+                                       'sqlite_path = "ledger.db"\ningest_group_records = 500'))
+        collector.proc.send_signal(signal.SIGHUP)
+        logged(collector, "configuration_reloaded", 1)
+        assert '"reload_ledger_ignored"' not in collector.log.read_text()
+        config.write_text(text.replace('sqlite_path = "ledger.db"', 'sqlite_path = "other.db"'))
+        collector.proc.send_signal(signal.SIGHUP)
+        logged(collector, "configuration_reloaded", 2)
+        [ignored] = logged(collector, "reload_ledger_ignored", 1)
+        assert ignored["reason"] == "ledger storage changes need a restart"
+    assert collector.proc.returncode == 0
+
+
 async def quarantine_one(collector: CollectorProcess, pki_dir: Path) -> None:
     """Ingest a record older than the maximum lateness: a usage.quarantined event."""
     creds = grpc_channel_credentials(

@@ -38,7 +38,7 @@ from collector.cloudevents import (
     to_usage,
     unique_by_record,
 )
-from collector.ledger.service import LedgerService, Outcome
+from collector.ledger.service import Outcome
 from common import logs
 
 log = logs.get("api.events")
@@ -162,9 +162,7 @@ async def post_events(request: web.Request) -> web.StreamResponse:
         raise ApiProblem(ProblemType.INVALID_REQUEST, results[0].error or "invalid event")
     unique, repeats = unique_by_record(valid, reject)
     service = request.app[SERVICE]()
-    events_service = LedgerService(
-        service.ledger, EventRouter(service.router, config.terms), service.prices
-    )
+    events_service = service.routed_by(EventRouter(service.router, config.terms))
     timely = [u.record for _, u in unique if not u.late]
     late = [u.record for _, u in unique if u.late]
     outcomes: dict[str, Outcome] = {}

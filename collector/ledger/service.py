@@ -23,7 +23,7 @@ import collections
 import contextlib
 import enum
 from collections import defaultdict
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 
@@ -172,6 +172,23 @@ class LedgerService:
         self.group_transactions = group_transactions
         self._queues: dict[int, _ShardQueue] = {}  # by shard: calls waiting to be posted
         self._runners: set[asyncio.Task[None]] = set()
+        # Told the shard's name and the number of calls of each posting transaction that
+        # committed (the collector's metrics: how much calls share transactions).
+        self.observe_calls: Callable[[str, int], None] | None = None
+
+    def routed_by(self, router: Router) -> LedgerService:
+        """This service with another router (the events API's): the same prices,
+        balance thresholds, settings and observer, and the same queues, so that its
+        calls share transactions with this service's and never run an account's batch
+        beside a transaction of this service that holds the account."""
+        other = LedgerService(
+            self.ledger, router, self.prices, self.thresholds,
+            group_records=self.group_records, group_transactions=self.group_transactions,
+        )
+        other.observe_calls = self.observe_calls
+        other._queues = self._queues
+        other._runners = self._runners
+        return other
 
     @contextlib.asynccontextmanager
     async def busy(self) -> AsyncIterator[None]:
@@ -288,6 +305,8 @@ class LedgerService:
         (:class:`_ShardQueue`)."""
         if part.held:
             [outcomes] = await self._post_shard(shard, [part])
+            if self.observe_calls is not None:
+                self.observe_calls(self.ledger.stores[shard].name, 1)
             return outcomes
         queue = self._queues.get(shard)
         if queue is None:
@@ -320,8 +339,12 @@ class LedgerService:
         A failure that is not the store's (a call the ledger refuses) fails no other
         call: each call of the group is then posted on its own."""
         results: list[dict[str, Outcome] | Exception]
+        observe = self.observe_calls
+        name = self.ledger.stores[shard].name
         try:
             results = list(await self._post_shard(shard, group))
+            if observe is not None:
+                observe(name, len(group))
         except StoreUnavailable as exc:
             results = [exc] * len(group)
         except Exception as exc:  # noqa: BLE001 - handed to the calls, which raise it
@@ -333,6 +356,8 @@ class LedgerService:
                     try:
                         [outcomes] = await self._post_shard(shard, [part])
                         results.append(outcomes)
+                        if observe is not None:
+                            observe(name, 1)
                     except Exception as alone:  # noqa: BLE001 - handed to its call
                         results.append(alone)
         except BaseException:

@@ -370,6 +370,10 @@ async def test_metrics_parse_with_the_prometheus_parser(
     assert delta("meterd_ingest_ack_latency_seconds_count") == 2
     shard = f"sqlite:{collector.workdir / 'ledger.db'}"
     assert delta("meterd_ledger_transaction_seconds_count", shard=shard, outcome="commit") >= 2
+    # Each call posted in a transaction of its own (nothing else was posting).
+    assert delta("meterd_ingest_transaction_calls_count", shard=shard) == 2
+    assert delta("meterd_ingest_transaction_calls_sum", shard=shard) == 2
+    assert delta("meterd_ingest_transaction_calls_bucket", shard=shard, le="1.0") == 2
     statuses = {dict(labels)["status"]: value for (name, labels), value in after.items()
                 if name == "meterd_fleet_agents"}
     assert set(statuses) == {"healthy", "lagging", "silent", "skewed", "expiring"}
