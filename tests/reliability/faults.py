@@ -181,18 +181,19 @@ def collector_config(
     shards: Sequence[str] = (),
     tls_extra: str = "",
     ingest_extra: str = "",
+    ledger_extra: str = "",
 ) -> Path:
     """A collector config listening for gRPC on a fixed ``port`` (agents keep their
     address across restarts); SQLite ledger unless PostgreSQL ``shards`` are given."""
     (workdir / "tariff.toml").write_text(TARIFF)
     if shards:  # the slots split evenly, in order, as ShardMap.even splits them
-        ledger = "".join(
+        ledger = f"[ledger]\n{ledger_extra}\n" + "".join(
             f'[[ledger.shards]]\ndsn = "{dsn}"\n'
             f'slots = ["{_first_slot(i, len(shards))}-{_first_slot(i + 1, len(shards)) - 1}"]\n\n'
             for i, dsn in enumerate(shards)
         )
     else:
-        ledger = '[ledger]\nsqlite_path = "ledger.db"\n'
+        ledger = f'[ledger]\nsqlite_path = "ledger.db"\n{ledger_extra}\n'
     assigned = "".join(
         f'[[assignments]]\nhost = "{h}"\naccount = "{a}"\n\n' for h, a in assignments.items()
     )

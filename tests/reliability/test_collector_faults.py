@@ -8,18 +8,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import random
 import signal
 import subprocess
 import time
 import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterator, Mapping
 from decimal import Decimal
 from pathlib import Path
 
 import grpc
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from common.ids import new_id
 from common.proto import meterd_pb2 as pb
@@ -99,15 +102,37 @@ def configure(
     pki: Path,
     port: int,
     assignments: Mapping[str, str],
+    ledger_extra: str = "",
 ) -> tuple[Path, Callable[[], LedgerView]]:
     """The collector config on ``backend`` (a fresh PostgreSQL database on the shared
     server, or a SQLite file) and how to read its ledger."""
     if backend == "postgres":
         dsn = request.getfixturevalue("fresh_pg_database")
-        config = collector_config(workdir, pki, port, assignments=assignments, shards=[dsn])
+        config = collector_config(workdir, pki, port, assignments=assignments, shards=[dsn],
+                                  ledger_extra=ledger_extra)
         return config, lambda: read_pg_ledger([dsn])
-    config = collector_config(workdir, pki, port, assignments=assignments)
+    config = collector_config(workdir, pki, port, assignments=assignments,
+                              ledger_extra=ledger_extra)
     return config, lambda: read_sqlite_ledger(workdir / "ledger.db")
+
+
+def shared_transactions(collector: CollectorProcess) -> int:
+    """Posting transactions of the running collector's life that posted more than one
+    call (from its ``/metrics``)."""
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{collector.api_port}/metrics",
+        headers={"Authorization": f"Bearer {api_token(collector.config)}"},
+    )
+    with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310 (loopback)
+        text = response.read().decode()
+    count = alone = 0.0
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == "meterd_ingest_transaction_calls_count":
+                count += s.value
+            elif s.name == "meterd_ingest_transaction_calls_bucket" and s.labels["le"] == "1.0":
+                alone += s.value
+    return int(count - alone)
 
 
 @pytest.mark.parametrize("backend", ["sqlite", pytest.param("postgres", marks=pytest.mark.pg)])
@@ -165,8 +190,10 @@ def test_collector_killed_while_committing_posts_everything_once(
         link.close()
 
 
-def usage_batches(rng: random.Random, batches: int, size: int) -> list[list[UsageRecord]]:
-    """Records of host-a from the last hour, quantities drawn from ``rng``."""
+def usage_batches(
+    rng: random.Random, batches: int, size: int, host: str = "host-a"
+) -> list[list[UsageRecord]]:
+    """Records of ``host`` from the last hour, quantities drawn from ``rng``."""
     now_us = time.time_ns() // 1000
     out = []
     for b in range(batches):
@@ -175,7 +202,7 @@ def usage_batches(rng: random.Random, batches: int, size: int) -> list[list[Usag
             cpu = rng.random() < 0.5
             start = now_us - 3_600_000_000 + (b * size + i) * 1000
             batch.append(UsageRecord(
-                id=new_id(), host_id="host-a",
+                id=new_id(), host_id=host,
                 metric="cpu.seconds" if cpu else "net.tx_bytes",
                 unit="seconds" if cpu else "bytes",
                 quantity=(Decimal(rng.randrange(0, 10**5)).scaleb(-2) if cpu
@@ -256,6 +283,98 @@ def test_calls_cancelled_by_their_clients_leave_the_collector_serving(
         assert set(read_ledger().records) == acked
         verify = meterd("ledger", "verify", "--config", str(config))
         assert verify.returncode == 0, verify.stdout + verify.stderr
+    finally:
+        collector.kill()
+
+
+async def push_all(
+    collector: CollectorProcess, pki: Path, batches: Mapping[str, list[list[UsageRecord]]],
+    rng: random.Random,
+) -> tuple[set[str], int, int]:
+    """Each host pushes its batches back to back, every one until it is answered (as
+    an agent does), while the collector is killed with SIGKILL and restarted three
+    times at random moments. The ids acknowledged, the batches answered ``duplicate``
+    in part (their first commit's answer was lost), and the posting transactions that
+    calls shared before each kill and at the end."""
+    acked: set[str] = set()
+    resent = 0
+    channels = []
+
+    async def host_pushes(host: str) -> None:
+        nonlocal resent
+        creds = grpc_channel_credentials(pki / "agents" / f"{host}.pem",
+                                         pki / "agents" / f"{host}.key", pki / "ca.pem")
+        channel = grpc.aio.secure_channel(collector.target, creds)
+        channels.append(channel)
+        stub = pb_grpc.IngestStub(channel)  # type: ignore[no-untyped-call]
+        for batch in batches[host]:
+            request = pb.PushRequest(records=[to_proto(r) for r in batch])
+            response = await push_with_retries(stub, request, collector)
+            outcomes = [a.outcome for a in response.acks]
+            assert set(outcomes) <= {pb.ACCEPTED, pb.DUPLICATE}, response
+            assert [a.id for a in response.acks] == [r.id for r in batch]
+            resent += pb.DUPLICATE in outcomes
+            acked.update(a.id for a in response.acks)
+
+    async def killer() -> int:
+        shared = 0
+        for _ in range(3):
+            await asyncio.sleep(rng.uniform(0.3, 0.8))
+            shared += await asyncio.to_thread(shared_transactions, collector)
+            await asyncio.to_thread(collector.kill)
+            await asyncio.sleep(rng.uniform(0.0, 0.3))
+            await asyncio.to_thread(collector.start)
+        return shared
+
+    try:
+        *_, shared = await asyncio.gather(*(host_pushes(h) for h in batches), killer())
+        shared += await asyncio.to_thread(shared_transactions, collector)
+    finally:
+        for channel in channels:
+            await channel.close(grace=None)
+    return acked, resent, shared
+
+
+@pytest.mark.parametrize("backend", ["sqlite", pytest.param("postgres", marks=pytest.mark.pg)])
+def test_collector_killed_while_calls_share_transactions_posts_everything_once(
+    backend: str, tmp_path: Path, rel_pki: Path, rng: random.Random,
+    request: pytest.FixtureRequest,
+) -> None:
+    """Twelve hosts of three accounts push 300-record batches back to back to a
+    collector that posts one transaction per shard at a time, so that calls wait and
+    share it (up to three, one per account, their records in one ``COPY`` on
+    PostgreSQL); it is killed with SIGKILL three times while they do. Every record is
+    then in the ledger once, with its quantity, and ``ledger verify`` is clean."""
+    port = free_port()
+    accounts = ("acme", "globex", "initech")
+    hosts = HOSTS[:12]
+    assignments = {h: accounts[i % 3] for i, h in enumerate(hosts)}
+    config, read_ledger = configure(backend, request, tmp_path, rel_pki, port, assignments,
+                                    ledger_extra="ingest_transactions = 1")
+    collector = CollectorProcess(config).start()
+    try:
+        batches = {h: usage_batches(rng, 40 if SOAK else 12, 300, h) for h in hosts}
+        acked, resent, shared = asyncio.run(push_all(collector, rel_pki, batches, rng))
+        print(f"{sum(map(len, batches.values()))} batches; resent after their commit: "
+              f"{resent}; transactions shared by calls: {shared}")
+        records = {r.id: r for b in batches.values() for r in itertools.chain(*b)}
+        assert acked == set(records)
+        ledger = read_ledger()
+        assert set(ledger.records) == set(records)  # each once: the view is keyed by id
+        for record_id, row in ledger.records.items():
+            sent = records[record_id]
+            assert (row.account, row.host, row.metric, row.quantity) == (
+                assignments[sent.host_id], sent.host_id, sent.metric, sent.quantity
+            )
+        for account in accounts:
+            want: dict[str, Decimal] = {}
+            for r in records.values():
+                if assignments[r.host_id] == account:
+                    want[r.metric] = want.get(r.metric, Decimal(0)) + r.quantity
+            assert rest_usage(collector, account) == want
+        verify = meterd("ledger", "verify", "--config", str(config))
+        assert verify.returncode == 0, verify.stdout + verify.stderr
+        assert shared > 0  # the kills landed among transactions that calls share
     finally:
         collector.kill()
 
