@@ -51,7 +51,6 @@ _uuid_text = _UUID_TEXT.fullmatch
 _plain_quantity = _PLAIN_QUANTITY.fullmatch
 # Whole columns of a batch in one match each: texts joined by newlines (which neither
 # pattern admits, so the pieces between them are exactly the column's texts).
-_UUID_COLUMN = re.compile(f"{_UUID_TEXT.pattern}(?:\n{_UUID_TEXT.pattern})*").fullmatch
 _PLAIN_QUANTITY_COLUMN = re.compile(
     f"{_PLAIN_QUANTITY.pattern}(?:\n{_PLAIN_QUANTITY.pattern})*"
 ).fullmatch
@@ -319,6 +318,36 @@ def _text_column(column: Sequence[str], full: Callable[[str], object]) -> bool:
     return joined.count("\n") == len(column) - 1 and full(joined) is not None
 
 
+_HEX_DIGITS = b"0123456789abcdef"
+_UUID_LEN = 36
+_UUID_DASHES = (8, 13, 18, 23)
+
+
+def _uuid_column(column: Sequence[str]) -> bool:
+    """Whether every value is exactly a ``str`` that :data:`_UUID_TEXT` matches, checked
+    on the values joined by newlines (ten times faster than the pattern): ASCII of the
+    length of ``n`` UUIDs and ``n - 1`` newlines, a newline after every 36 characters
+    and a dash at each of a UUID's four dash positions, and nothing else in it but
+    lowercase hexadecimal digits."""
+    n = len(column)
+    if set(map(type, column)) != {str}:
+        return False
+    joined = "\n".join(column)
+    step = _UUID_LEN + 1
+    if len(joined) != step * n - 1:
+        return False
+    try:
+        raw = joined.encode("ascii")
+    except UnicodeEncodeError:
+        return False
+    dashes = b"-" * n
+    return (
+        raw[_UUID_LEN::step] == b"\n" * (n - 1)
+        and all(raw[p::step] == dashes for p in _UUID_DASHES)
+        and raw.translate(None, _HEX_DIGITS) == b"----\n" * (n - 1) + b"----"
+    )
+
+
 def _names_valid(column: Sequence[object], known: set[str], pattern: re.Pattern[str]) -> bool:
     try:
         distinct = set(column)
@@ -517,7 +546,7 @@ def _columns_valid(
     each column checked whole (every column of length ``n``, at least one)."""
     return bool(
         len(record_ids) == len(quantities) == len(starts_us) == len(ends_us) == len(seqs) == n
-        and _text_column(record_ids, _UUID_COLUMN)
+        and _uuid_column(record_ids)
         and _text_column(quantities, _PLAIN_QUANTITY_COLUMN)
         and max(map(len, quantities)) <= _PLAIN_QUANTITY_MAX_LEN
         and _column_types(starts_us, int)

@@ -114,6 +114,41 @@ def test_a_batch_by_series_gets_the_verdicts_of_its_records(
     assert batch_[-1] == expected[-1]
 
 
+def near_misses(text: str) -> list[str]:
+    """``text`` with one character replaced, inserted or removed, or two neighbours
+    swapped, at every position."""
+    found = []
+    for at in range(len(text) + 1):
+        for c in ("-", "\n", "0", "f", "g", "A", "F", "\u00e9", "\u0661", " "):
+            found += [text[:at] + c + text[at + 1:], text[:at] + c + text[at:]]
+        found.append(text[:at] + text[at + 1:])
+        found.append(text[:at] + text[at + 1:at + 2] + text[at:at + 1] + text[at + 2:])
+    return found
+
+
+def test_the_id_column_check_agrees_with_the_pattern() -> None:
+    from common.records import _UUID_TEXT, _uuid_column
+
+    def agrees(column: list[str]) -> bool:
+        return _uuid_column(column) == all(_UUID_TEXT.fullmatch(v) for v in column)
+
+    good, other = str(uuid.uuid4()), str(uuid.uuid4())
+    assert _uuid_column([good])
+    assert _uuid_column([good, other, good])
+    for miss in near_misses(good):  # first, in the middle, last, alone
+        for column in ([miss], [miss, other], [other, miss, good], [good, other, miss]):
+            assert agrees(column), column
+    # The newline between two ids moved: lengths that add up, dashes where they were.
+    joined = f"{good}\n{other}\n{good}"
+    for shift in range(-36, 37):
+        cut = 36 + shift
+        moved = joined[:36] + joined[37:]
+        column = [moved[:cut], *moved[cut:].split("\n")]
+        assert agrees(column), column
+    assert not _uuid_column([good, 36])  # type: ignore[list-item]
+    assert not _uuid_column([good.upper()])
+
+
 def test_acks_from_their_wire_form_equal_acks_added_one_by_one() -> None:
     from collector.ingest import _accepted_acks
 
