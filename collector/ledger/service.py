@@ -35,10 +35,13 @@ from collector.ledger.sharding import ShardMap
 from collector.ledger.store import InsertConflict, LedgerStore, LedgerTx, SeqMarks
 from collector.ledger.thresholds import BalanceThresholds, crossing_events
 from collector.routing import Router
+from common import logs
 from common.errors import StoreUnavailable
 from common.ids import new_id
 from common.money import CONTEXT
 from common.records import SeriesBatch, UsageRecord
+
+log = logs.get("collector.ledger")
 
 
 class Outcome(enum.Enum):
@@ -305,8 +308,7 @@ class LedgerService:
         (:class:`_ShardQueue`)."""
         if part.held:
             [outcomes] = await self._post_shard(shard, [part])
-            if self.observe_calls is not None:
-                self.observe_calls(self.ledger.stores[shard].name, 1)
+            self._observe(shard, 1)
             return outcomes
         queue = self._queues.get(shard)
         if queue is None:
@@ -322,6 +324,17 @@ class LedgerService:
             self._runners.add(runner)
             runner.add_done_callback(self._runners.discard)
         return await part.done
+
+    def _observe(self, shard: int, calls: int) -> None:
+        """Tell the observer about a committed transaction. A failing observer (the
+        metrics) is logged and never fails or holds up a post."""
+        if self.observe_calls is None:
+            return
+        name = self.ledger.stores[shard].name
+        try:
+            self.observe_calls(name, calls)
+        except Exception as exc:  # noqa: BLE001 - the posts stand; the failure is logged
+            log.warning("observer_failed", shard=name, error=f"{type(exc).__name__}: {exc}")
 
     async def _run_queue(self, shard: int, queue: _ShardQueue) -> None:
         """Post groups of the queue's calls until none waits."""
@@ -339,12 +352,10 @@ class LedgerService:
         A failure that is not the store's (a call the ledger refuses) fails no other
         call: each call of the group is then posted on its own."""
         results: list[dict[str, Outcome] | Exception]
-        observe = self.observe_calls
-        name = self.ledger.stores[shard].name
+        committed: list[int] = []  # the calls of each transaction that committed
         try:
             results = list(await self._post_shard(shard, group))
-            if observe is not None:
-                observe(name, len(group))
+            committed.append(len(group))
         except StoreUnavailable as exc:
             results = [exc] * len(group)
         except Exception as exc:  # noqa: BLE001 - handed to the calls, which raise it
@@ -355,11 +366,11 @@ class LedgerService:
                 for part in group:
                     try:
                         [outcomes] = await self._post_shard(shard, [part])
-                        results.append(outcomes)
-                        if observe is not None:
-                            observe(name, 1)
                     except Exception as alone:  # noqa: BLE001 - handed to its call
                         results.append(alone)
+                    else:
+                        results.append(outcomes)
+                        committed.append(1)
         except BaseException:
             for part in group:
                 if part.done is not None and not part.done.done():
@@ -372,6 +383,8 @@ class LedgerService:
                 part.done.set_exception(result)
             else:
                 part.done.set_result(result)
+        for calls in committed:  # once every call has its answer
+            self._observe(shard, calls)
 
     async def _post_shard(self, shard: int, parts: list[_Part]) -> list[dict[str, Outcome]]:
         """One transaction on the shard for ``parts``, inserting the records on the

@@ -179,14 +179,40 @@ async def test_a_resend_in_a_group_is_answered_duplicate_and_counted_once(
 
 async def test_a_call_the_ledger_refuses_fails_alone(store: Counted) -> None:
     svc = grouped(store)
+    observed: list[tuple[str, int]] = []
+    svc.observe_calls = lambda shard, calls: observed.append((shard, calls))
     calls = [batch(0, 5), batch(1, 5), batch(5, 5), batch(2, 5)]
     results, _ = await queued(store, [svc.post(b, T0) for b in calls])
     assert isinstance(results[2], ValidationError)
+    # The first alone; the group of three failed, then ran call by call: two committed.
+    assert observed == [(store.name, 1)] * 3
     for i in (0, 1, 3):
         assert set(results[i].values()) == {Outcome.ACCEPTED}
     assert await egress(svc, "acct-5") == 0
     assert [await egress(svc, ACCOUNTS[i]) for i in (0, 1, 2)] == [5 * 10**9] * 3
     assert (await verify_ledger([store])).ok  # type: ignore[list-item]
+
+
+async def test_a_failing_observer_neither_fails_nor_reposts_a_call(
+    store: Counted, capsys: pytest.CaptureFixture[str]
+) -> None:
+    svc = grouped(store)
+    seen: list[int] = []
+
+    def broken(shard: str, calls: int) -> None:
+        seen.append(calls)
+        raise RuntimeError("metrics registry gone")
+
+    svc.observe_calls = broken
+    batches = [batch(i, 5) for i in range(3)]
+    results, transactions = await queued(store, [svc.post(b, T0) for b in batches])
+    assert transactions == 1  # no call of the group was posted again on its own
+    assert seen == [1, 2]
+    for b, outcomes in zip(batches, results, strict=True):
+        assert outcomes == dict.fromkeys((r.id for r in b), Outcome.ACCEPTED)
+    logged = capsys.readouterr()
+    assert (logged.out + logged.err).count("metrics registry gone") == 2
+    assert await svc.post(batch(3, 5), T0)  # the queue still runs
 
 
 async def test_an_unavailable_store_fails_every_call_of_the_group(store: Counted) -> None:
