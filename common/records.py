@@ -49,8 +49,9 @@ _PLAIN_QUANTITY = re.compile(r"(?:0|[1-9][0-9]{0,29})(?:\.[0-9]{1,18})?")
 _PLAIN_QUANTITY_MAX_LEN = MAX_QUANTITY_DIGITS + 1
 _uuid_text = _UUID_TEXT.fullmatch
 _plain_quantity = _PLAIN_QUANTITY.fullmatch
-# Whole columns of a batch in one match each: texts joined by newlines (which neither
-# pattern admits, so the pieces between them are exactly the column's texts).
+# A batch's quantity column in one match: its texts joined by newlines (which the
+# pattern does not admit, so the pieces between them are exactly the column's texts).
+# Its id column is checked whole without a pattern (_uuid_column).
 _PLAIN_QUANTITY_COLUMN = re.compile(
     f"{_PLAIN_QUANTITY.pattern}(?:\n{_PLAIN_QUANTITY.pattern})*"
 ).fullmatch
