@@ -108,7 +108,8 @@ async def test_two_collectors_racing_with_large_batches_post_each_record_once(
 
 async def test_text_that_copy_escapes_is_stored_exactly(pg_databases: Databases) -> None:
     """Tabs, newlines and backslashes in an account id, and backslash sequences and quotes
-    in labels (which refuse control characters), survive the COPY."""
+    in labels (which refuse control characters), survive the COPY, and the INSERT that
+    sends each column as one newline-joined text (a batch too small for the COPY)."""
     account = "odd\taccount\\with\nbreaks"
     labels = {"path": 'C:\\disk\\t"1"\\n\\\\', "ünï": "cödé"}
     store = await PostgresLedger.open(await pg_databases.create())
@@ -119,15 +120,16 @@ async def test_text_that_copy_escapes_is_stored_exactly(pg_databases: Databases)
                 id=new_id(), host_id="host-q", metric="net.tx_bytes", quantity=Decimal("0.5"),
                 unit="bytes", start_us=T0, end_us=T0 + 1, seq=i, labels=labels,
             )
-            for i in range(SIZE)
+            for i in range(SIZE + 3)
         ]
-        assert set((await svc.post(records, T0)).values()) == {Outcome.ACCEPTED}
+        assert set((await svc.post(records[:SIZE], T0)).values()) == {Outcome.ACCEPTED}
+        assert set((await svc.post(records[SIZE:], T0)).values()) == {Outcome.ACCEPTED}
         conn = await asyncpg.connect(store.dsn)
         try:
             rows = await conn.fetch("SELECT account_id, labels::text, quantity FROM records")
         finally:
             await conn.close()
-        assert len(rows) == SIZE
+        assert len(rows) == SIZE + 3
         assert {(r[0], r[2]) for r in rows} == {(account, Decimal("0.5"))}
         assert {json.loads(r[1]) == labels for r in rows} == {True}
     finally:
