@@ -27,6 +27,7 @@ import operator
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
@@ -296,7 +297,9 @@ UNAVAILABLE = (
     TimeoutError,
 )
 
-COPY_MIN_RECORDS = 200  # smaller batches of one account are inserted with unnest arrays
+# A transaction's optimistic inserts go in with one COPY from this many records on;
+# fewer, with the INSERT (for which the COPY's second round trip costs more than it saves).
+COPY_MIN_RECORDS = 200
 _RECORD_COLUMNS = (
     "record_id", "account_id", "entry_id", "host_id", "metric", "unit", "quantity",
     "start_us", "end_us", "seq", "labels", "received_us",
@@ -509,6 +512,24 @@ def _batch_copy_rows(
     ]
     rows.sort()
     return rows
+
+
+@dataclass(frozen=True, slots=True)
+class _Staged:
+    """An account batch staged for the transaction's next insert (_PgTx._copy_staged)."""
+
+    account_id: str
+    entry_id: str
+    records: Sequence[UsageRecord]
+    received_us: int
+
+    def copy_rows(self) -> list[str]:
+        """Its rows of COPY's text format, sorted by record id."""
+        if isinstance(self.records, SeriesBatch):
+            return _batch_copy_rows(self.records, self.account_id, self.entry_id,
+                                    self.received_us)
+        ordered = sorted(self.records, key=_record_id)
+        return _copy_rows(ordered, self.account_id, self.entry_id, self.received_us)
 
 
 _SCHEMA_LOCK = 0x6D65746572  # advisory lock id ("meter") serialising schema creation
@@ -1259,8 +1280,8 @@ class _PgTx(_PgBillingTx):
         # Chain heads locked and read by load_counters, each taken by the next entry.
         self._heads: dict[str, tuple[int, str]] = {}
         self._seqs: list[SeqMarks] = []  # staged by account_seqs, not yet written
-        # Rows of optimistic inserts not yet sent, each run sorted by record id.
-        self._copy: list[list[str]] = []
+        # Optimistic inserts not yet sent, in the order they were staged.
+        self._copy: list[_Staged] = []
 
     async def flush(self) -> None:
         """Write the records, counters, period postings and seqs staged since the last
@@ -1280,32 +1301,34 @@ class _PgTx(_PgBillingTx):
         received_us: int,
         optimistic: bool = False,
     ) -> set[str]:
-        """Optimistic, a large batch: one COPY of the records, the fast path when none
-        is stored yet, which is every batch but a resend. If any id is already there (or
-        another collector is inserting it right now and commits), the unique key fails
-        the COPY and with it the transaction: :class:`InsertConflict`, and the caller
-        runs the transaction again without ``optimistic``. No savepoint around the COPY:
-        its two round trips and its subtransaction cost every batch more than running
-        the rare resend's transaction twice (docs/benchmarks.md).
+        """Optimistic: staged, on the expectation that none is stored yet (every batch
+        but a resend), and sent with the transaction's next statement together with the
+        account batches staged before it (:meth:`_copy_staged`): one COPY when they hold
+        :data:`COPY_MIN_RECORDS` records or more, so that the small calls of a group
+        share one. If any id is already there (or another collector is inserting it right
+        now and commits), the unique key fails the COPY and with it the transaction:
+        :class:`InsertConflict`, and the caller runs the transaction again without
+        ``optimistic``. No savepoint around the COPY: its two round trips and its
+        subtransaction cost every batch more than running the rare resend's transaction
+        twice (docs/benchmarks.md).
 
-        Otherwise, and for small batches (for which the COPY saves less than it costs),
-        the records go in with ``ON CONFLICT DO NOTHING``: the unique key decides either
-        way."""
+        Otherwise the records go in at once with ``ON CONFLICT DO NOTHING``, and the ids
+        it inserted are the new ones: the unique key decides either way."""
         if not records:
             return set()
-        conn = self._conn
-        if optimistic and len(records) >= COPY_MIN_RECORDS:
-            # Staged: sent with the transaction's next statement, in one COPY with the
-            # other account batches staged before it (see _copy_staged).
+        if optimistic:
+            self._copy.append(_Staged(account_id, entry_id, records, received_us))
             if isinstance(records, SeriesBatch):
-                ids = records.ids
-                self._copy.append(_batch_copy_rows(records, account_id, entry_id, received_us))
-            else:
-                ordered = sorted(records, key=_record_id)
-                ids = [r.id for r in ordered]
-                self._copy.append(_copy_rows(ordered, account_id, entry_id, received_us))
-            return set(ids)
+                return set(records.ids)
+            return set(map(_record_id, records))
         await self._copy_staged()
+        return await self._insert(account_id, entry_id, records, received_us)
+
+    async def _insert(
+        self, account_id: str, entry_id: str, records: Sequence[UsageRecord], received_us: int
+    ) -> set[str]:
+        """``INSERT ... ON CONFLICT DO NOTHING`` of the records, by record id; the ids
+        inserted."""
         ordered = sorted(records, key=_record_id)
         # One pass over the records, then one newline-joined text per column.
         columns = map("\n".join, zip(
@@ -1313,21 +1336,31 @@ class _PgTx(_PgBillingTx):
                str(r.end_us), str(r.seq), _labels_json(r.labels)) for r in ordered],
             strict=True,
         ))
-        new: str = await conn.fetchval(
+        new: str = await self._conn.fetchval(
             _INSERT_RECORDS, account_id, entry_id, received_us, *columns
         )
         return set(new.split("\n")) if new else set()
 
     async def _copy_staged(self) -> None:
-        """One COPY of the staged rows: the account batches in the order they were
-        staged (the ingest path stages them in account order), each sorted by record
-        id. Inserting without the COPY (``optimistic=False``) takes the same order, so
-        two transactions that insert some of the same ids take their index entries in
-        one order whichever way each goes. A stored id fails it: :class:`InsertConflict`."""
+        """Send the staged account batches, in the order they were staged (the ingest
+        path stages them in account order), each by record id: one COPY, or the INSERT
+        of each when together they are fewer than :data:`COPY_MIN_RECORDS`. Inserting
+        without staging (``optimistic=False``) takes the same order, so two transactions
+        that insert some of the same ids take their index entries in one order whichever
+        way each goes. A stored id fails them: :class:`InsertConflict`."""
         if not self._copy:
             return
-        runs, self._copy = self._copy, []
-        text = "".join(itertools.chain.from_iterable(runs)).encode()
+        staged, self._copy = self._copy, []
+        if sum(len(s.records) for s in staged) < COPY_MIN_RECORDS:
+            for s in staged:
+                new = await self._insert(s.account_id, s.entry_id, s.records, s.received_us)
+                if len(new) != len(s.records):
+                    raise InsertConflict(
+                        f"{len(s.records) - len(new)} record(s) of account {s.account_id}"
+                        " already stored"
+                    )
+            return
+        text = "".join(itertools.chain.from_iterable(map(_Staged.copy_rows, staged))).encode()
         try:
             # A memoryview: asyncpg would take bytes for a file name.
             await self._conn.copy_to_table(
