@@ -84,6 +84,22 @@ async def test_same_batch_again_changes_nothing(svc: LedgerService) -> None:
     assert after == before
 
 
+async def test_a_small_resend_with_new_records_posts_only_the_new(svc: LedgerService) -> None:
+    """Below the COPY size: PostgreSQL's optimistic INSERT finds the stored ones, and
+    the transaction runs again inserting each record unless stored."""
+    batch = [record(quantity="1000000000", seq=n) for n in range(5)]
+    await svc.post(batch, T0)
+    more = [record(quantity="1000000000", seq=5 + n) for n in range(2)]
+    outcomes = await svc.post(batch[3:] + more, T0 + 1)
+    assert outcomes == {**{r.id: Outcome.DUPLICATE for r in batch[3:]},
+                        **{r.id: Outcome.ACCEPTED for r in more}}
+    usage = await svc.ledger.for_account("acme").usage("acme")
+    assert [(u.metric, u.quantity, u.records) for u in usage] == [
+        ("net.tx_bytes", Decimal("7000000000"), 7)
+    ]
+    assert await receivable(svc, "acme") == Decimal("0.09")  # 7 GB * 0.013 = 0.091
+
+
 async def test_split_batches_telescope_to_the_rounded_total(svc: LedgerService) -> None:
     # 37 pieces of 0.1 GB at 0.013/GB: rounding each piece would post 0.00 every time.
     for i in range(37):
