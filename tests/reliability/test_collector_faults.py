@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import http.client
 import itertools
 import json
 import random
@@ -293,13 +294,14 @@ async def push_all(
 ) -> tuple[set[str], int, int]:
     """Each host pushes its batches back to back, every one until it is answered (as
     an agent does), while the collector is killed with SIGKILL and restarted three
-    times at random moments (some calls fail: the kills land among them). The ids
+    times (some calls fail: the kills land among them). The ids
     acknowledged, the batches answered ``duplicate`` in part (their first commit's
-    answer was lost), and the posting transactions that calls shared before each kill
-    and at the end."""
+    answer was lost), and the posting transactions that calls shared (as far as
+    ``/metrics`` was read before each kill)."""
     acked: set[str] = set()
     resent = failed = 0
     channels = []
+    progress = asyncio.Event()  # set whenever a batch is acknowledged
 
     async def host_pushes(host: str) -> None:
         nonlocal resent, failed
@@ -320,25 +322,47 @@ async def push_all(
             assert [a.id for a in response.acks] == [r.id for r in batch]
             resent += pb.DUPLICATE in outcomes
             acked.update(a.id for a in response.acks)
+            progress.set()
 
-    async def killer() -> int:
-        shared = 0
-        for _ in range(3):
-            await asyncio.sleep(rng.uniform(0.3, 0.8))
-            shared += await asyncio.to_thread(shared_transactions, collector)
+    async def killer() -> None:
+        """Kills at random points around a quarter, half and three quarters of the
+        records acknowledged: mid-stream however fast the machine posts."""
+        total = sum(map(len, itertools.chain(*batches.values())))
+        for quarter in (1, 2, 3):
+            point = total * rng.uniform(quarter / 4 - 0.1, quarter / 4 + 0.1)
+            while len(acked) < point:
+                progress.clear()
+                await progress.wait()
             await asyncio.to_thread(collector.kill)
             await asyncio.sleep(rng.uniform(0.0, 0.3))
             await asyncio.to_thread(collector.start)
-        return shared
 
+    lives: dict[int, int] = {}  # the latest count read from each collector process
+    pushing = True
+
+    async def watcher() -> None:
+        """Reads the count from ``/metrics`` again and again (a kill does not wait for
+        it: a scrape may wait for the posts), keeping the latest of each process."""
+        while pushing:
+            proc = collector.proc
+            with contextlib.suppress(OSError, ValueError, http.client.HTTPException):
+                count = await asyncio.to_thread(shared_transactions, collector)
+                if proc is not None and collector.proc is proc and proc.poll() is None:
+                    lives[proc.pid] = count
+            await asyncio.sleep(0.05)
+
+    watching = asyncio.create_task(watcher())
     try:
-        *_, shared = await asyncio.gather(*(host_pushes(h) for h in batches), killer())
-        shared += await asyncio.to_thread(shared_transactions, collector)
+        await asyncio.gather(*(host_pushes(h) for h in batches), killer())
     finally:
+        pushing = False
+        await watching
         for channel in channels:
             await channel.close(grace=None)
     assert failed > 0  # the kills landed among calls in flight
-    return acked, resent, shared
+    assert collector.proc is not None
+    lives[collector.proc.pid] = await asyncio.to_thread(shared_transactions, collector)
+    return acked, resent, sum(lives.values())
 
 
 @pytest.mark.parametrize("backend", ["sqlite", pytest.param("postgres", marks=pytest.mark.pg)])
@@ -380,7 +404,7 @@ def test_collector_killed_while_calls_share_transactions_posts_everything_once(
             assert rest_usage(collector, account) == want
         verify = meterd("ledger", "verify", "--config", str(config))
         assert verify.returncode == 0, verify.stdout + verify.stderr
-        assert shared > 0  # the kills landed among transactions that calls share
+        assert shared > 0  # calls shared transactions (so the kills landed among such)
     finally:
         collector.kill()
 
