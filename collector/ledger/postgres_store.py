@@ -304,7 +304,6 @@ _RECORD_COLUMNS = (
     "record_id", "account_id", "entry_id", "host_id", "metric", "unit", "quantity",
     "start_us", "end_us", "seq", "labels", "received_us",
 )
-# The new ids come back as one array, not one result row per record.
 # Each column is one parameter, its values joined by newlines (none of them holds one:
 # ids, hosts, metrics and units come from restricted alphabets, the labels are JSON with
 # its control characters escaped, the rest are numbers) and split by the server: asyncpg
@@ -356,8 +355,6 @@ _SAVE_COUNTERS = (
 )
 _LOCK_HEAD = "SELECT chain_seq, hash FROM chain_heads WHERE account_id = $1 FOR UPDATE"
 _NEW_HEAD = "INSERT INTO chain_heads VALUES ($1, 0, $2) ON CONFLICT (account_id) DO NOTHING"
-# The sub-statements touch different tables, so their order within the statement does
-# not matter; all of them run to completion whether or not the UPDATE reads them.
 def _seq_upsert(first: int) -> str:
     """The statement that adds the seqs of ingest calls to their host epochs' tracks,
     one row per (host, epoch), its parameters numbered from ``first`` (see
@@ -379,6 +376,8 @@ def _seq_upsert(first: int) -> str:
     )
 
 
+# The sub-statements touch different tables, so their order within the statement does
+# not matter; all of them run to completion whether or not the UPDATE reads them.
 _APPEND_ENTRY = (
     "WITH journal_row AS (INSERT INTO journal VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)),"
     " posting_rows AS (INSERT INTO postings SELECT $1, p.i, $2, p.a, p.c, p.v"
@@ -1641,8 +1640,8 @@ CREATE TABLE IF NOT EXISTS seq_holes (
 """
 
 _SEQ_CHECK_LOCK = 0x6D73657163  # advisory lock id ("mseqc"): one gap check per shard at a time
-# One statement per ingest call: the union of the call's ranges into the epoch's set
-# (created on first sight). RETURNING tells a new track (xmax 0) from an updated one.
+# The seqs a transaction staged and no journal entry wrote (_PgTx._write_seqs): each
+# call's ranges united into its epoch's set (created on first sight), one statement.
 _ACCOUNT_SEQS = _seq_upsert(1)
 
 
